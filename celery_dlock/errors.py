@@ -1,0 +1,106 @@
+"""The exception tree of celery_dlock.
+
+Every error raised by the package derives from :class:`DLockError`, which
+carries the key it concerns.  The Celery layer adds no parallel tree: it
+raises these same classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "DLockError",
+    "LockBusy",
+    "LockLost",
+    "LockUnavailable",
+    "TaskSkipped",
+]
+
+
+class DLockError(Exception):
+    """Base class of every lock error; ``key`` names the lock concerned."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        #: The lock key the error is about, or ``None`` when not key-specific.
+        self.key = key
+
+
+class LockBusy(DLockError):
+    """Another owner holds the key.
+
+    Raised only when a quorum of nodes answered and too many of them were
+    held by someone else; an unreachable quorum raises
+    :class:`LockUnavailable` instead.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        attempts: int,
+        holder: Mapping[str, Any] | None = None,
+        retry_after: float | None = None,
+        detail: str | None = None,
+    ) -> None:
+        who = f" by {_describe_holder(holder)}" if holder else ""
+        detail = detail or f"gave up after {attempts} attempt(s)"
+        super().__init__(f"lock {key!r} is held{who} ({detail})", key=key)
+        #: How many acquisition attempts were made before giving up.
+        self.attempts = attempts
+        #: The holder's metadata (hostname, pid, acquired_at, label), where a
+        #: node returned it.
+        self.holder = dict(holder) if holder else None
+        #: Seconds until the holder's lease ends unless it is extended.
+        self.retry_after = retry_after
+
+
+class LockUnavailable(DLockError):
+    """A quorum of nodes could not be reached, or answered too slowly.
+
+    ``errors`` holds what went wrong on each node that failed, in node order,
+    as ``(node, exception)`` pairs.
+    """
+
+    def __init__(
+        self,
+        key: str | None,
+        *,
+        attempts: int,
+        errors: Sequence[tuple[str, BaseException]] = (),
+        reason: str = "no quorum of nodes answered",
+    ) -> None:
+        detail = "; ".join(f"{node}: {err!r}" for node, err in errors)
+        message = f"lock {key!r} unavailable: {reason} after {attempts} attempt(s)"
+        super().__init__(f"{message} ({detail})" if detail else message, key=key)
+        #: How many acquisition attempts were made.
+        self.attempts = attempts
+        #: ``(node, exception)`` for every node that failed on the last attempt.
+        self.errors = list(errors)
+
+
+class TaskSkipped(LockBusy):
+    """A task run was skipped because its key was held (``on_busy="skip"``).
+
+    It is stored as the skipped task's result, so ``AsyncResult.get()`` raises
+    it at once instead of waiting for a run that will never happen.
+    """
+
+
+class LockLost(DLockError):
+    """A lock we held is no longer ours: it expired or another owner took it."""
+
+
+class ConfigurationError(DLockError, ValueError):
+    """A setting or argument is invalid; the message names it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+def _describe_holder(holder: Mapping[str, Any]) -> str:
+    parts = [f"{name}={holder[name]}" for name in ("label", "hostname", "pid") if holder.get(name)]
+    return ", ".join(parts) or "another owner"

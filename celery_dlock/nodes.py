@@ -1,0 +1,332 @@
+"""Independent Redis masters, and one-thread concurrent fan-out across them.
+
+Each :class:`Node` owns its connections: one per thread, made from the
+caller's URL or client settings but with small socket timeouts and redis-py's
+retry layer turned off, because a lock must fail fast and never re-send a
+command whose first copy may have taken effect.
+
+:func:`fan_out` sends a command to every node before reading any reply, then
+reads replies in the order they arrive and stops as soon as the outcome is
+decided.  A reply left unread is not lost: the connection counts it as stale
+and skips it before the next reply it reads, so a slow or hung node never
+delays a decision that a quorum has already made.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from . import scripts
+
+__all__ = ["NO_REPLY", "Node", "Reply", "fan_out", "pack"]
+
+logger = logging.getLogger(__name__)
+
+#: Marks a node whose reply had not arrived when the outcome was decided.
+NO_REPLY: Final = type("NoReplyType", (), {"__repr__": lambda self: "NO_REPLY"})()
+
+#: A node's answer: the decoded RESP value, the error it raised, or NO_REPLY.
+Reply = Any
+
+#: After this many unread replies a connection is dropped rather than drained.
+MAX_STALE_REPLIES: Final = 32
+
+#: Back-off after a timeout, so a hung node is not re-dialled on every call.
+COOLDOWN_MIN: Final = 0.05
+COOLDOWN_MAX: Final = 1.0
+
+
+_MAINTENANCE_KWARGS: Final = (
+    "maint_notifications_config",
+    "maint_notifications_pool_handler",
+    "orig_host_address",
+    "orig_socket_timeout",
+    "orig_socket_connect_timeout",
+)
+
+
+def pack(*args: str | bytes | int) -> bytes:
+    """Encode one command in RESP, ready to send to any node."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Link:
+    """A connection of one thread to one node, and its unread reply count."""
+
+    __slots__ = ("conn", "pid", "sent", "stale")
+
+    def __init__(self, conn: AbstractConnection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+        self.stale = 0
+        self.sent = b""
+
+
+class Node:
+    """One independent Redis master.
+
+    ``spec`` is a ``redis://``, ``rediss://`` or ``unix://`` URL, or a
+    :class:`redis.Redis` client whose connection settings are reused (its own
+    pool is left untouched).  Every thread gets its own connection, made on
+    first use; after :func:`os.fork` the child makes new ones.
+    """
+
+    def __init__(self, spec: str | redis.Redis, *, socket_timeout: float) -> None:
+        if isinstance(spec, redis.Redis):
+            pool = spec.connection_pool
+        elif isinstance(spec, str):
+            pool = _pool_from_url(spec)
+        else:
+            raise TypeError(
+                f"nodes: expected a Redis URL or a redis.Redis client, got {type(spec).__name__}"
+            )
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.update(
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_error=[],
+            retry_on_timeout=False,
+            decode_responses=False,
+            health_check_interval=0,
+            protocol=2,
+        )
+        # Cluster maintenance hooks (redis-py 7+) need RESP3 and rewrite timeouts.
+        for name in _MAINTENANCE_KWARGS:
+            kwargs.pop(name, None)
+        self._connection_class = pool.connection_class
+        self._connection_kwargs = kwargs
+        #: A printable name with no password, such as ``redis://127.0.0.1:6379/0``.
+        self.name = _describe(kwargs)
+        self._local = threading.local()
+        self._cooldown_until = 0.0
+        self._cooldown = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name}>"
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """What makes two nodes the same server: the host and port, or the socket path."""
+        kw = self._connection_kwargs
+        if "path" in kw:
+            return ("unix", os.path.realpath(kw["path"]))
+        host = str(kw.get("host", "localhost")).lower()
+        if host in ("localhost", "::1", "[::1]"):
+            host = "127.0.0.1"
+        return (host, str(kw.get("port", 6379)))
+
+    def new_connection(self, *, handshake: bool = True) -> AbstractConnection:
+        """A connection of our own to this node, connected unless ``handshake`` is false."""
+        conn: AbstractConnection = self._connection_class(**self._connection_kwargs)
+        if handshake:
+            conn.connect()
+        return conn
+
+    # -- the fan-out protocol: send, then read ---------------------------
+
+    def send(self, packed: bytes) -> None:
+        """Send ``packed`` on this thread's connection, connecting if need be."""
+        if time.monotonic() < self._cooldown_until:
+            raise redis.ConnectionError(f"{self.name} is cooling down after a timeout")
+        link = self._link()
+        link.sent = packed
+        try:
+            link.conn.send_packed_command([packed], check_health=False)
+        except RedisError as exc:
+            self._fail(link, exc)
+            raise
+
+    def fileno(self) -> int:
+        """The file descriptor of this thread's connection, for polling."""
+        fd: int = self._local.link.conn._sock.fileno()
+        return fd
+
+    def read(self, *, block: bool = False) -> Reply:
+        """Read the reply to the last command sent, skipping stale ones first.
+
+        Unless ``block`` is true, returns :data:`NO_REPLY` when only stale
+        replies had arrived.  Errors are returned, not raised; a connection
+        error also drops the connection.
+        """
+        link: _Link = self._local.link
+        conn = link.conn
+        try:
+            if link.stale:
+                while link.stale:
+                    if not block and not conn.can_read(0):
+                        return NO_REPLY
+                    try:
+                        conn.read_response()
+                    except ResponseError:
+                        pass
+                    link.stale -= 1
+                if not block and not conn.can_read(0):
+                    return NO_REPLY
+            try:
+                return conn.read_response()
+            except NoScriptError:
+                # Someone ran SCRIPT FLUSH since we connected: load and resend once.
+                self._load_scripts(conn)
+                conn.send_packed_command([link.sent], check_health=False)
+                return conn.read_response()
+        except ResponseError as exc:
+            return exc
+        except RedisError as exc:
+            self._fail(link, exc)
+            return exc
+
+    def execute(self, packed: bytes) -> Reply:
+        """Send one command and wait for its reply (returned, even if an error)."""
+        try:
+            self.send(packed)
+        except RedisError as exc:
+            return exc
+        return self.read(block=True)
+
+    def abandon(self) -> None:
+        """Leave the last reply unread: it is skipped before the next one."""
+        link: _Link = self._local.link
+        link.stale += 1
+
+    def close(self) -> None:
+        """Close this thread's connection, if it has one."""
+        link: _Link | None = getattr(self._local, "link", None)
+        if link is not None:
+            link.conn.disconnect()
+            del self._local.link
+
+    # -- internals ---------------------------------------------------------
+
+    def _link(self) -> _Link:
+        link: _Link | None = getattr(self._local, "link", None)
+        if link is not None and link.pid == os.getpid() and link.stale <= MAX_STALE_REPLIES:
+            if link.conn._sock is not None:
+                return link
+            link.stale = 0
+        elif link is not None:
+            link.conn.disconnect()  # after a fork this closes our copy only
+        conn = self.new_connection(handshake=False)
+        link = self._local.link = _Link(conn)
+        try:
+            conn.connect()
+            self._load_scripts(conn)
+        except RedisError as exc:
+            self._fail(link, exc)
+            raise
+        self._cooldown = 0.0
+        return link
+
+    def _load_scripts(self, conn: AbstractConnection) -> None:
+        conn.send_packed_command(
+            [b"".join(pack("SCRIPT", "LOAD", script.source) for script in scripts.ALL)],
+            check_health=False,
+        )
+        for _ in scripts.ALL:
+            conn.read_response()
+
+    def _fail(self, link: _Link, exc: BaseException) -> None:
+        link.conn.disconnect()
+        link.stale = 0
+        if isinstance(exc, RedisTimeoutError):
+            self._cooldown = min(max(self._cooldown * 2, COOLDOWN_MIN), COOLDOWN_MAX)
+            self._cooldown_until = time.monotonic() + self._cooldown
+        logger.debug("node %s failed: %r", self.name, exc)
+
+
+def fan_out(
+    calls: Sequence[tuple[Node, bytes]],
+    *,
+    decided: Callable[[list[Reply]], bool],
+    timeout: float,
+) -> list[Reply]:
+    """Send every call at once, then gather replies until ``decided`` says so.
+
+    ``decided`` is given the replies so far, aligned with ``calls``, each one a
+    value, an exception or :data:`NO_REPLY`.  Nodes still silent when it
+    returns true keep :data:`NO_REPLY`; nodes silent after ``timeout`` seconds
+    get a :class:`redis.TimeoutError`.  Either way their replies are skipped on
+    the next use.
+    """
+    replies: list[Reply] = [NO_REPLY] * len(calls)
+    waiting: list[int] = []
+    for index, (node, packed) in enumerate(calls):
+        try:
+            node.send(packed)
+        except RedisError as exc:
+            replies[index] = exc
+        else:
+            waiting.append(index)
+
+    if len(calls) == 1 and waiting and not decided(replies):
+        replies[0] = calls[0][0].read(block=True)
+        return replies
+
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    by_fd: dict[int, int] = {}
+    for index in waiting:
+        fd = calls[index][0].fileno()
+        by_fd[fd] = index
+        poller.register(fd, select.POLLIN)
+    while waiting and not decided(replies):
+        left = deadline - time.monotonic()
+        events = poller.poll(left * 1000) if left > 0 else []
+        if not events:
+            for index in waiting:
+                replies[index] = RedisTimeoutError(f"no reply within {timeout}s")
+            break
+        for fd, _ in events:
+            index = by_fd[fd]
+            reply = calls[index][0].read()
+            if reply is not NO_REPLY:
+                replies[index] = reply
+                waiting.remove(index)
+                poller.unregister(fd)
+    for index in waiting:
+        calls[index][0].abandon()
+    return replies
+
+
+def _pool_from_url(url: str) -> ConnectionPool:
+    try:
+        parts = urlsplit(url)
+        if parts.scheme in ("redis", "rediss"):
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+            if not parts.hostname:
+                raise ValueError("no host")
+        return ConnectionPool.from_url(url)
+    except ValueError as exc:
+        raise ValueError(f"nodes: malformed Redis URL {_mask(url)!r}: {exc}") from None
+
+
+def _mask(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def _describe(kwargs: dict[str, Any]) -> str:
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
