@@ -1,14 +1,31 @@
 """celery_dlock: single-flight Celery tasks over a Redis Redlock lock.
 
 The lock core (:class:`Redlock`, :class:`Lock` and the errors) imports only
-the standard library and redis-py, and works without Celery.
+the standard library and redis-py, and works without Celery.  The Celery
+names (:class:`SingleFlightTask`, :func:`single_flight`, :func:`current_lock`)
+are imported on first use, so ``import celery_dlock`` never imports Celery.
 """
 
 from __future__ import annotations
 
-from .errors import ConfigurationError, DLockError, LockBusy, LockLost, LockUnavailable
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    ConfigurationError,
+    DLockError,
+    LockBusy,
+    LockLost,
+    LockUnavailable,
+    TaskSkipped,
+)
 from .redlock import Lock, Redlock
 from .watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from .decorators import single_flight
+    from .guard import current_lock
+    from .options import SingleFlightOptions
+    from .task import SingleFlightTask
 
 __all__ = [
     "ConfigurationError",
@@ -18,7 +35,30 @@ __all__ = [
     "LockLost",
     "LockUnavailable",
     "Redlock",
+    "SingleFlightOptions",
+    "SingleFlightTask",
+    "TaskSkipped",
     "Watchdog",
+    "current_lock",
+    "single_flight",
 ]
 
 __version__ = "0.1.0"
+
+_CELERY_NAMES = {
+    "SingleFlightTask": ".task",
+    "SingleFlightOptions": ".options",
+    "current_lock": ".guard",
+    "single_flight": ".decorators",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _CELERY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -34,28 +34,54 @@ class LockBusy(DLockError):
 
     Raised only when a quorum of nodes answered and too many of them were
     held by someone else; an unreachable quorum raises
-    :class:`LockUnavailable` instead.
+    :class:`LockUnavailable` instead.  Build one with :meth:`for_key`; the
+    plain constructor takes just the message, so result backends can
+    rebuild the exception from its text.
     """
 
     def __init__(
         self,
-        key: str,
+        message: str,
         *,
-        attempts: int,
+        key: str | None = None,
+        attempts: int = 1,
         holder: Mapping[str, Any] | None = None,
         retry_after: float | None = None,
-        detail: str | None = None,
     ) -> None:
-        who = f" by {_describe_holder(holder)}" if holder else ""
-        detail = detail or f"gave up after {attempts} attempt(s)"
-        super().__init__(f"lock {key!r} is held{who} ({detail})", key=key)
-        #: How many acquisition attempts were made before giving up.
+        super().__init__(message, key=key)
+        #: How many acquisition attempts (or requeues) were made before giving up.
         self.attempts = attempts
         #: The holder's metadata (hostname, pid, acquired_at, label), where a
         #: node returned it.
         self.holder = dict(holder) if holder else None
         #: Seconds until the holder's lease ends unless it is extended.
         self.retry_after = retry_after
+
+    @classmethod
+    def for_key(
+        cls,
+        key: str,
+        *,
+        attempts: int,
+        holder: Mapping[str, Any] | None = None,
+        retry_after: float | None = None,
+        detail: str | None = None,
+    ) -> LockBusy:
+        """The error for ``key``, with a message naming the holder."""
+        who = f" by {_describe_holder(holder)}" if holder else ""
+        detail = detail or f"gave up after {attempts} attempt(s)"
+        return cls(
+            f"lock {key!r} is held{who} ({detail})",
+            key=key, attempts=attempts, holder=holder, retry_after=retry_after,
+        )
+
+
+class TaskSkipped(LockBusy):
+    """A task run was skipped because its key was held (``on_busy="skip"``).
+
+    It is stored as the skipped task's result, so ``AsyncResult.get()`` raises
+    it at once instead of waiting for a run that will never happen.
+    """
 
 
 class LockUnavailable(DLockError):
@@ -67,27 +93,34 @@ class LockUnavailable(DLockError):
 
     def __init__(
         self,
-        key: str | None,
+        message: str,
         *,
-        attempts: int,
+        key: str | None = None,
+        attempts: int = 1,
         errors: Sequence[tuple[str, BaseException]] = (),
-        reason: str = "no quorum of nodes answered",
     ) -> None:
-        detail = "; ".join(f"{node}: {err!r}" for node, err in errors)
-        message = f"lock {key!r} unavailable: {reason} after {attempts} attempt(s)"
-        super().__init__(f"{message} ({detail})" if detail else message, key=key)
+        super().__init__(message, key=key)
         #: How many acquisition attempts were made.
         self.attempts = attempts
         #: ``(node, exception)`` for every node that failed on the last attempt.
         self.errors = list(errors)
 
-
-class TaskSkipped(LockBusy):
-    """A task run was skipped because its key was held (``on_busy="skip"``).
-
-    It is stored as the skipped task's result, so ``AsyncResult.get()`` raises
-    it at once instead of waiting for a run that will never happen.
-    """
+    @classmethod
+    def for_key(
+        cls,
+        key: str | None,
+        *,
+        attempts: int,
+        errors: Sequence[tuple[str, BaseException]] = (),
+        reason: str = "no quorum of nodes answered",
+    ) -> LockUnavailable:
+        """The error for ``key``, with a message listing the failed nodes."""
+        detail = "; ".join(f"{node}: {err!r}" for node, err in errors)
+        message = f"lock {key!r} unavailable: {reason} after {attempts} attempt(s)"
+        return cls(
+            f"{message} ({detail})" if detail else message,
+            key=key, attempts=attempts, errors=errors,
+        )
 
 
 class LockLost(DLockError):

@@ -460,17 +460,17 @@ class Redlock:
             else:
                 reason = "the fencing token could not be stored on a quorum"
             self._release(key, owner, self.nodes)
-            return LockUnavailable(key, attempts=attempt, errors=self._errors(replies), reason=reason)
+            return LockUnavailable.for_key(key, attempts=attempt, errors=self._errors(replies), reason=reason)
 
         busy = [r for r in replies if _is_refused(r)]
         maybe_ours = [node for node, r in zip(self.nodes, replies) if not _is_refused(r)]
         if maybe_ours:
             self._release(key, owner, maybe_ours)
         if len(tokens) + len(busy) < self.quorum:
-            return LockUnavailable(key, attempts=attempt, errors=self._errors(replies))
+            return LockUnavailable.for_key(key, attempts=attempt, errors=self._errors(replies))
         holder = next((_parse_metadata(r[1]) for r in busy if r[1]), None)
         retry_after = max(int(r[2]) for r in busy) / 1000 if busy else None
-        return LockBusy(key, attempts=attempt, holder=holder, retry_after=retry_after)
+        return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after)
 
     def _fence(self, token: int, tokens: dict[int, int]) -> bool:
         """Make sure a quorum's counters are at least ``token``.
@@ -505,7 +505,7 @@ class Redlock:
             return valid_until
         if sum(1 for r in replies if r == 0) > len(self.nodes) - self.quorum:
             raise LockLost(f"lock {key!r} is no longer ours on a quorum of nodes", key=key)
-        raise LockUnavailable(key, attempts=1, errors=self._errors(replies), reason="could not extend on a quorum")
+        raise LockUnavailable.for_key(key, attempts=1, errors=self._errors(replies), reason="could not extend on a quorum")
 
     def _release(self, key: str, owner: str, nodes: Sequence[Node] | None = None) -> bool:
         """Delete the lock wherever ``owner`` still holds it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -56,3 +57,40 @@ def redis_nodes3(redis_nodes: ClusterFactory) -> RedisCluster:
 def redis_nodes5(redis_nodes: ClusterFactory) -> RedisCluster:
     """Five independent nodes."""
     return redis_nodes(5)
+
+
+# -- Celery: in-process app and worker (celery.contrib.pytest) ------------------
+
+
+@pytest.fixture
+def lock_server() -> Iterator[RedisServer]:
+    """A redis-server for the locks alone, apart from the broker's."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def celery_config(redis_server: RedisServer, lock_server: RedisServer) -> Iterator[dict[str, object]]:
+    """Broker and results on one fresh server, locks on another."""
+    yield {
+        "broker_url": redis_server.url,
+        "result_backend": redis_server.url,
+        "dlock_redis_url": lock_server.url,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+    }
+    # AsyncResult.__del__ unsubscribes from the result backend: collect them
+    # while its server is still up, or the backend retries for a minute.
+    gc.collect()
+
+
+@pytest.fixture
+def celery_worker_pool() -> str:
+    """Threads, so that tasks of one in-process worker really run at once."""
+    return "threads"
+
+
+@pytest.fixture
+def celery_worker_parameters() -> dict[str, object]:
+    """Four threads; no ping task, since the test app does not register it."""
+    return {"concurrency": 4, "perform_ping_check": False}

@@ -1,0 +1,177 @@
+"""The ``dlock_*`` settings of a Celery app, read and checked once.
+
+Every setting lives in ``app.conf`` under the ``dlock_`` prefix (upper case is
+accepted too, as Celery accepts it for its own settings).  :meth:`Settings.from_app`
+reads them all and raises :class:`~celery_dlock.errors.ConfigurationError`
+naming the setting when one is wrong, so a bad value stops the worker at
+start-up rather than surfacing in the first task.
+
+This module imports nothing from Celery: it reads any mapping-like ``conf``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Final
+
+from .errors import ConfigurationError
+
+__all__ = ["BUSY_POLICIES", "FAIL_MODES", "WAIT_FALLBACKS", "Settings"]
+
+#: What a task does when its key is held: see the README's policy table.
+BUSY_POLICIES: Final = ("requeue", "skip", "wait", "raise")
+
+#: Where a ``wait`` that timed out goes next.
+WAIT_FALLBACKS: Final = ("requeue", "skip", "raise")
+
+#: ``closed``: never run unlocked; ``open``: run unlocked, with a warning.
+FAIL_MODES: Final = ("closed", "open")
+
+DEFAULT_REDIS_URL: Final = "redis://localhost:6379/0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The app-wide defaults; each task may override most of them."""
+
+    #: One Redis URL, or several for a Redlock quorum over independent masters.
+    redis_url: tuple[str, ...] = (DEFAULT_REDIS_URL,)
+    #: Prepended to every Redis key and channel the plugin uses.
+    key_prefix: str = "dlock:"
+    #: The lease in seconds; the watchdog renews it while the body runs.
+    default_ttl: float = 30.0
+    #: What a duplicate does when the key is held.
+    on_busy: str = "requeue"
+    #: What happens when the lock service cannot be reached.
+    fail_mode: str = "closed"
+    #: How many times one message may be requeued for a busy key.
+    max_requeues: int = 100
+    #: The first requeue countdown in seconds; it doubles each time, jittered.
+    requeue_delay: float = 1.0
+    #: The longest requeue countdown in seconds.
+    requeue_max_delay: float = 60.0
+    #: How long ``on_busy="wait"`` blocks in the worker.
+    wait_timeout: float = 10.0
+    #: Where ``on_busy="wait"`` goes when ``wait_timeout`` passes.
+    wait_fallback: str = "requeue"
+    #: Seconds to wait for one Redis node before counting it as failed.
+    socket_timeout: float = 0.25
+
+    PREFIX: ClassVar[str] = "dlock_"
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """Every setting's full name, such as ``dlock_redis_url``."""
+        return [cls.PREFIX + field.name for field in fields(cls)]
+
+    @classmethod
+    def from_app(cls, app: Any) -> Settings:
+        """Read and check the settings of a Celery app."""
+        conf = app.conf
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            name = cls.PREFIX + field.name
+            value = _lookup(conf, name)
+            if value is not None:
+                values[field.name] = value
+        if "redis_url" not in values:
+            values["redis_url"] = _fallback_url(conf)
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
+        """Build settings from short names (``redis_url``...), checking each."""
+        unknown = set(values) - {field.name for field in fields(cls)}
+        if unknown:
+            raise ConfigurationError(f"unknown dlock setting(s): {', '.join(sorted(unknown))}")
+        checked = {name: _CHECKS[name](cls.PREFIX + name, value) for name, value in values.items()}
+        settings = cls(**checked)
+        if settings.requeue_max_delay < settings.requeue_delay:
+            raise ConfigurationError(
+                f"dlock_requeue_max_delay ({settings.requeue_max_delay}) must be >= "
+                f"dlock_requeue_delay ({settings.requeue_delay})"
+            )
+        return settings
+
+
+def _lookup(conf: Any, name: str) -> Any:
+    for candidate in (name, name.upper()):
+        try:
+            value = conf.get(candidate)
+        except AttributeError:
+            value = None
+        if value is not None:
+            return value
+    return None
+
+
+def _fallback_url(conf: Any) -> tuple[str, ...]:
+    for name in ("broker_url", "result_backend"):
+        url = _lookup(conf, name)
+        if isinstance(url, str) and url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+            return (url,)
+    return (DEFAULT_REDIS_URL,)
+
+
+def check_redis_url(name: str, value: Any) -> tuple[str, ...]:
+    """One URL or a non-empty list of them, each ``redis://``, ``rediss://`` or ``unix://``."""
+    urls = [value] if isinstance(value, str) else value
+    if not isinstance(urls, (list, tuple)) or not urls:
+        raise ConfigurationError(f"{name}: expected a Redis URL or a non-empty list of them, got {value!r}")
+    for url in urls:
+        if not isinstance(url, str) or url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+            raise ConfigurationError(
+                f"{name}: {url!r} is not a redis://, rediss:// or unix:// URL"
+            )
+    return tuple(urls)
+
+
+def check_choice(choices: tuple[str, ...]) -> Any:
+    """A checker accepting one of ``choices``."""
+
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigurationError(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
+        return str(value)
+
+    return check
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A finite number greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigurationError(f"{name}: expected a finite number of seconds, got {value!r}")
+    if value <= 0:
+        raise ConfigurationError(f"{name}: must be > 0, got {value!r}")
+    return float(value)
+
+
+def check_count(name: str, value: Any) -> int:
+    """A whole number, zero or more."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name}: expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def check_prefix(name: str, value: Any) -> str:
+    """Any string, the empty one included."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+_CHECKS: Final = {
+    "redis_url": check_redis_url,
+    "key_prefix": check_prefix,
+    "default_ttl": check_positive,
+    "on_busy": check_choice(BUSY_POLICIES),
+    "fail_mode": check_choice(FAIL_MODES),
+    "max_requeues": check_count,
+    "requeue_delay": check_positive,
+    "requeue_max_delay": check_positive,
+    "wait_timeout": check_positive,
+    "wait_fallback": check_choice(WAIT_FALLBACKS),
+    "socket_timeout": check_positive,
+}

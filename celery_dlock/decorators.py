@@ -1,0 +1,131 @@
+"""``@single_flight``: make a task single-flight with one line.
+
+It works below ``@app.task`` / ``@shared_task`` (on the function) or above it
+(on the task), with ``bind=True`` or without::
+
+    @app.task
+    @single_flight(key="ledger:{account_id}", ttl=30, on_busy="requeue")
+    def charge(account_id, amount):
+        ...
+
+Options are checked at once: a key template naming an argument the function
+does not have raises when the module is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+from celery import Task
+from celery._state import get_current_task
+from celery.local import Proxy
+
+from .guard import SingleFlight
+from .keys import KeyTemplate
+from .options import SingleFlightOptions
+from .signals import connect_signals
+
+__all__ = ["single_flight"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def single_flight(target: F, /) -> F: ...
+
+
+@overload
+def single_flight(
+    *,
+    key: KeyTemplate = None,
+    ttl: float | None = None,
+    on_busy: str | None = None,
+    max_requeues: int | None = None,
+    requeue_delay: float | None = None,
+    requeue_max_delay: float | None = None,
+    wait_timeout: float | None = None,
+    wait_fallback: str | None = None,
+    fail_mode: str | None = None,
+    max_hold: float | None = None,
+) -> Callable[[F], F]: ...
+
+
+def single_flight(target: Any = None, /, **options: Any) -> Any:
+    """Run the decorated task at most once at a time per key.
+
+    Arguments (all keyword-only; ``None`` takes the app's ``dlock_*`` setting):
+        key: ``None`` to hash the bound arguments, a template such as
+            ``"ledger:{account_id}"``, or a callable taking the task's
+            arguments and returning the key.
+        ttl: The lease in seconds, renewed while the body runs.
+        on_busy: ``"requeue"``, ``"skip"``, ``"wait"`` or ``"raise"``.
+        max_requeues: Lock-busy requeues allowed per message, counted apart
+            from the task's own ``max_retries``.
+        requeue_delay: The first requeue countdown; it doubles, jittered.
+        requeue_max_delay: The longest requeue countdown.
+        wait_timeout: How long ``on_busy="wait"`` blocks in the worker.
+        wait_fallback: ``"requeue"``, ``"skip"`` or ``"raise"`` after a wait.
+        fail_mode: ``"closed"`` (never run unlocked) or ``"open"``.
+        max_hold: Stop renewing after this many seconds.
+
+    Used bare, as ``@single_flight``, every option takes its default.
+    """
+    settings = SingleFlightOptions(**options)
+    if target is not None:
+        return _decorate(target, settings)
+    return functools.partial(_decorate, options=settings)
+
+
+def _decorate(target: Any, options: SingleFlightOptions) -> Any:
+    connect_signals()
+    if isinstance(target, Proxy):
+        # A lazy @app.task: guard the task once the app creates it.
+        if hasattr(target, "__then__") and not target.__evaluated__():
+            target.__then__(_guard_task, target, options)
+            return target
+        _guard_task(target._get_current_object(), options)
+        return target
+    if isinstance(target, Task):
+        return _guard_task(target, options)
+    if callable(target):
+        return _guard_function(target, options)
+    raise TypeError(f"single_flight: cannot decorate {target!r}; expected a function or a task")
+
+
+def _guard_function(function: Callable[..., Any], options: SingleFlightOptions) -> Callable[..., Any]:
+    if getattr(function, "_dlock_guard", None) is not None:
+        raise TypeError(f"single_flight: {function.__qualname__} is already single-flight")
+    guard = SingleFlight(options, function)
+
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        task = get_current_task()
+        if task is None or getattr(task.run, "_dlock_guard", None) is not guard:
+            task = None  # called as a plain function, not as this task's body
+        call_args = args[1:] if guard.is_bound(task) else args
+        return guard.run(task, lambda: function(*args, **kwargs), call_args, kwargs)
+
+    guarded._dlock_guard = guard  # type: ignore[attr-defined]
+    return guarded
+
+
+def _guard_task(task: Any, options: SingleFlightOptions) -> Any:
+    task = task._get_current_object() if isinstance(task, Proxy) else task
+    if getattr(task.run, "_dlock_guard", None) is not None:
+        raise TypeError(f"single_flight: task {task.name!r} is already single-flight")
+    raw = inspect.getattr_static(type(task), "run")
+    bound = not isinstance(raw, staticmethod)
+    function = raw.__func__ if isinstance(raw, staticmethod) else raw
+    guard = SingleFlight(options, function, bound=bound)
+    original = task.run
+
+    @functools.wraps(original)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return guard.run(task, lambda: original(*args, **kwargs), args, kwargs)
+
+    run._dlock_guard = guard  # type: ignore[attr-defined]
+    task.run = run
+    return task

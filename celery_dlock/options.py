@@ -1,0 +1,131 @@
+"""Per-task single-flight options, checked when the task is decorated.
+
+An option left as ``None`` takes the app's ``dlock_*`` setting, resolved the
+first time the task runs in a process (see :meth:`SingleFlightOptions.resolve`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .config import (
+    BUSY_POLICIES,
+    FAIL_MODES,
+    WAIT_FALLBACKS,
+    Settings,
+    check_choice,
+    check_count,
+    check_positive,
+)
+from .errors import ConfigurationError
+from .keys import KeyTemplate
+
+__all__ = ["Policy", "SingleFlightOptions"]
+
+
+@dataclass(frozen=True)
+class SingleFlightOptions:
+    """What a task asked for; ``None`` means "use the app setting"."""
+
+    #: ``None`` (hash of the arguments), a template such as
+    #: ``"ledger:{account_id}"``, or a callable returning the key.
+    key: KeyTemplate = None
+    #: Lease in seconds (``dlock_default_ttl``); renewed while the body runs.
+    ttl: float | None = None
+    #: ``requeue``, ``skip``, ``wait`` or ``raise`` (``dlock_on_busy``).
+    on_busy: str | None = None
+    #: Requeues allowed for one message (``dlock_max_requeues``).
+    max_requeues: int | None = None
+    #: First requeue countdown in seconds (``dlock_requeue_delay``).
+    requeue_delay: float | None = None
+    #: Longest requeue countdown in seconds (``dlock_requeue_max_delay``).
+    requeue_max_delay: float | None = None
+    #: How long ``wait`` blocks (``dlock_wait_timeout``).
+    wait_timeout: float | None = None
+    #: Where ``wait`` goes after ``wait_timeout`` (``dlock_wait_fallback``).
+    wait_fallback: str | None = None
+    #: ``closed`` or ``open`` when Redis is unreachable (``dlock_fail_mode``).
+    fail_mode: str | None = None
+    #: Stop renewing after this many seconds held; ``None`` renews until the end.
+    max_hold: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, check in _CHECKS.items():
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, check(name, value))
+
+    @classmethod
+    def coerce(cls, value: Any, *, task_name: str) -> SingleFlightOptions:
+        """Accept options, a mapping of them, or ``True`` for all defaults."""
+        if isinstance(value, cls):
+            return value
+        if value is True:
+            return cls()
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"single_flight: expected a dict of options for task {task_name!r}, "
+                f"got {type(value).__name__}"
+            )
+        known = {field.name for field in fields(cls)}
+        unknown = set(value) - known
+        if unknown:
+            raise TypeError(
+                f"single_flight: unknown option(s) {', '.join(sorted(unknown))} for task "
+                f"{task_name!r}; known: {', '.join(sorted(known))}"
+            )
+        try:
+            return cls(**value)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"task {task_name!r}: {exc}") from None
+
+    def resolve(self, settings: Settings) -> Policy:
+        """Fill every unset option from the app's settings."""
+        def pick(name: str) -> Any:
+            value = getattr(self, name)
+            return getattr(settings, name) if value is None else value
+
+        policy = Policy(
+            ttl=self.ttl if self.ttl is not None else settings.default_ttl,
+            on_busy=pick("on_busy"),
+            max_requeues=pick("max_requeues"),
+            requeue_delay=pick("requeue_delay"),
+            requeue_max_delay=pick("requeue_max_delay"),
+            wait_timeout=pick("wait_timeout"),
+            wait_fallback=pick("wait_fallback"),
+            fail_mode=pick("fail_mode"),
+            max_hold=self.max_hold,
+        )
+        if policy.requeue_max_delay < policy.requeue_delay:
+            policy = replace(policy, requeue_max_delay=policy.requeue_delay)
+        return policy
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The options in force for a task in one app: nothing left unset."""
+
+    ttl: float
+    on_busy: str
+    max_requeues: int
+    requeue_delay: float
+    requeue_max_delay: float
+    wait_timeout: float
+    wait_fallback: str
+    fail_mode: str
+    max_hold: float | None
+
+
+_CHECKS: dict[str, Any] = {
+    "ttl": check_positive,
+    "on_busy": check_choice(BUSY_POLICIES),
+    "max_requeues": check_count,
+    "requeue_delay": check_positive,
+    "requeue_max_delay": check_positive,
+    "wait_timeout": check_positive,
+    "wait_fallback": check_choice(WAIT_FALLBACKS),
+    "fail_mode": check_choice(FAIL_MODES),
+    "max_hold": check_positive,
+}

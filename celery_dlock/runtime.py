@@ -1,0 +1,77 @@
+"""The plugin's state for one Celery app in one process.
+
+:func:`locks_for` gives each app one :class:`AppLocks`: its checked settings
+and its :class:`~celery_dlock.redlock.Redlock`, made on first use.  Apps are
+held weakly, so a test app that goes away takes its state with it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from .config import Settings
+from .redlock import Lock, Redlock
+
+__all__ = ["AppLocks", "locks_for"]
+
+
+class AppLocks:
+    """Settings, lock manager and held locks of one app in this process."""
+
+    def __init__(self, app: Any) -> None:
+        #: The app's ``dlock_*`` settings, checked.
+        self.settings = Settings.from_app(app)
+        #: The worker's node name, once the worker has started in this process.
+        self.hostname: str | None = None
+        self._redlock: Redlock | None = None
+        self._held: set[Lock] = set()
+        self._mutex = threading.Lock()
+
+    @property
+    def redlock(self) -> Redlock:
+        """The lock manager over ``dlock_redis_url``, made on first use."""
+        if self._redlock is None:
+            with self._mutex:
+                if self._redlock is None:
+                    self._redlock = Redlock(
+                        list(self.settings.redis_url),
+                        key_prefix=self.settings.key_prefix,
+                        socket_timeout=self.settings.socket_timeout,
+                    )
+        return self._redlock
+
+    def hold(self, lock: Lock) -> None:
+        """Remember a lock held by a task body running in this process."""
+        self._held.add(lock)
+
+    def drop(self, lock: Lock) -> None:
+        """Forget a lock once its body has finished."""
+        self._held.discard(lock)
+
+    def release_all(self) -> int:
+        """Release every lock still held in this process; returns how many."""
+        with self._mutex:
+            held, self._held = self._held, set()
+        return sum(1 for lock in held if lock.release())
+
+
+_registry: weakref.WeakKeyDictionary[Any, AppLocks] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+
+
+def locks_for(app: Any) -> AppLocks:
+    """The :class:`AppLocks` of ``app``, reading its settings on first call."""
+    try:
+        return _registry[app]
+    except KeyError:
+        with _registry_lock:
+            if app not in _registry:
+                _registry[app] = AppLocks(app)
+            return _registry[app]
+
+
+def known_apps() -> list[tuple[Any, AppLocks]]:
+    """Every app with plugin state in this process."""
+    return list(_registry.items())

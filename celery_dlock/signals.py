@@ -1,0 +1,127 @@
+"""Celery signal hooks: release on the paths where the body's ``finally`` cannot.
+
+A body's own ``try``/``finally`` releases its lock on success, failure,
+``retry()``, ``Ignore``, ``Reject`` and soft time limits.  When the pool
+process dies instead (a hard time limit, ``revoke(terminate=True)``, a
+``WorkerLostError``, a cold shutdown), nothing runs in it; the worker's main
+process then frees the dead run's lock by its owner prefix (task id and worker
+name), which only that run can have.  If even the main process dies, the
+lease ends within one ttl, since no watchdog renews it any more.
+
+The hooks are connected once per process, when the first single-flight task
+is defined, never at import time.  ``worker_init`` also checks every
+single-flight task's settings, so a bad value stops the worker at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any, Final
+
+from billiard.exceptions import WorkerLostError
+from celery import signals
+from celery.exceptions import TimeLimitExceeded
+
+from .errors import ConfigurationError
+from .runtime import known_apps, locks_for
+
+__all__ = ["connect_signals"]
+
+logger = logging.getLogger(__name__)
+
+#: Signals that end a pool process, as ``revoke(terminate=True, signal=...)`` sends.
+_FATAL_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT})
+
+_connected = False
+_connect_lock = threading.Lock()
+
+
+def connect_signals() -> None:
+    """Connect the hooks, once per process."""
+    global _connected
+    with _connect_lock:
+        if _connected:
+            return
+        signals.worker_init.connect(_on_worker_init, weak=False)
+        signals.task_failure.connect(_on_task_failure, weak=False)
+        signals.task_revoked.connect(_on_task_revoked, weak=False)
+        signals.worker_process_shutdown.connect(_on_worker_process_shutdown, weak=False)
+        signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
+        _connected = True
+
+
+def guard_of(task: Any) -> Any:
+    """The :class:`~celery_dlock.guard.SingleFlight` of ``task``, or ``None``."""
+    run = getattr(task, "run", None)
+    return getattr(run, "_dlock_guard", None)
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    app = sender.app
+    locks = locks_for(app)  # raises ConfigurationError naming a bad setting
+    locks.hostname = sender.hostname
+    visibility = _visibility_timeout(app)
+    for task in list(app.tasks.values()):
+        guard = guard_of(task)
+        if guard is None:
+            continue
+        policy = guard.policy(locks)
+        if visibility is not None and policy.requeue_max_delay >= visibility:
+            raise ConfigurationError(
+                f"task {task.name!r}: requeue_max_delay={policy.requeue_max_delay}s reaches the Redis "
+                f"broker's visibility_timeout={visibility}s, so a requeued message would be "
+                "delivered twice; lower dlock_requeue_max_delay or raise "
+                "broker_transport_options['visibility_timeout']"
+            )
+
+
+def _visibility_timeout(app: Any) -> float | None:
+    url = app.conf.broker_url or ""
+    if not isinstance(url, str) or url.split("://", 1)[0] not in ("redis", "rediss", "sentinel", "socket"):
+        return None
+    options = app.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", 3600))
+
+
+def _on_task_failure(sender: Any = None, task_id: str | None = None, exception: Any = None,
+                     args: Any = None, kwargs: Any = None, **_: Any) -> None:
+    # These two are reported by the main process after the pool process died.
+    if not isinstance(exception, (WorkerLostError, TimeLimitExceeded)) or task_id is None:
+        return
+    guard = guard_of(sender)
+    if guard is None:
+        return
+    hostname = getattr(sender.request, "hostname", None) or locks_for(sender.app).hostname
+    if guard.release_dead_run(sender, task_id, hostname, args or (), kwargs or {}):
+        logger.info("released the lock of %s[%s] after %r", sender.name, task_id, exception)
+
+
+def _on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
+                     signum: Any = None, **_: Any) -> None:
+    if not terminated or request is None or signum not in _FATAL_SIGNALS:
+        return
+    guard = guard_of(sender)
+    if guard is None:
+        return
+    hostname = request.hostname or locks_for(sender.app).hostname
+    if guard.release_dead_run(sender, request.id, hostname, request.args or (), request.kwargs or {}):
+        logger.info("released the lock of terminated %s[%s]", sender.name, request.id)
+
+
+def _on_worker_process_shutdown(**_: Any) -> None:
+    for _app, locks in known_apps():
+        released = locks.release_all()
+        if released:
+            logger.info("released %d lock(s) held by an exiting pool process", released)
+
+
+def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    from celery.worker import state  # the main process's view of running tasks
+
+    for request in list(state.active_requests):
+        task = request.task
+        guard = guard_of(task)
+        if guard is not None:
+            guard.release_dead_run(task, request.id, request.hostname, request.args, request.kwargs)
