@@ -90,7 +90,7 @@ def test_template_check_runs_when_the_base_class_task_is_created() -> None:
     app = Celery("check", set_as_current=False)
     with pytest.raises(ValueError, match="'missing'"):
 
-        @app.task(base=SingleFlightTask, single_flight={"key": "k:{missing}"}, lazy=False)
+        @app.task(shared=False, base=SingleFlightTask, single_flight={"key": "k:{missing}"}, lazy=False)
         def job(present: int) -> None: ...
 
 

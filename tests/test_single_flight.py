@@ -56,7 +56,7 @@ def define(app: Celery, recorder: redis.Redis) -> SimpleNamespace:
     """Tasks of every kind, registered on ``app`` before its worker starts."""
     app.conf.update(FAST_REQUEUE)
 
-    @app.task(bind=True)
+    @app.task(shared=False, bind=True)
     @single_flight(key="acct:{account_id}", on_busy="requeue")
     def charge(self: Any, account_id: int, hold: float = 0.05) -> dict[str, Any]:
         with section(recorder, f"acct:{account_id}"):
@@ -64,36 +64,36 @@ def define(app: Celery, recorder: redis.Redis) -> SimpleNamespace:
         recorder.incr("ran")
         return {"retries": self.request.retries, "requeues": (self.request.headers or {}).get("dlock_requeues", 0)}
 
-    @app.task
+    @app.task(shared=False)
     @single_flight(key="wait:{n}", on_busy="wait", wait_timeout=10)
     def waiter(n: int, hold: float = 0.05) -> int:
         with section(recorder, f"wait:{n}"):
             time.sleep(hold)
         return current_lock().token  # type: ignore[union-attr]
 
-    @app.task
+    @app.task(shared=False)
     @single_flight(key="skip:{n}", on_busy="skip")
     def skipper(n: int) -> str:
         recorder.incr("skipper-ran")
         return "ran"
 
-    @app.task
+    @app.task(shared=False)
     @single_flight(key="raise:{n}", on_busy="raise")
     def raiser(n: int) -> str:
         return "ran"
 
-    @app.task
+    @app.task(shared=False)
     @single_flight(key="capped:{n}", on_busy="requeue", max_requeues=2)
     def capped(n: int) -> str:
         recorder.incr("capped-ran")
         return "ran"
 
-    @app.task
+    @app.task(shared=False)
     @single_flight(key="wait-skip:{n}", on_busy="wait", wait_timeout=0.3, wait_fallback="skip")
     def wait_then_skip(n: int) -> str:
         return "ran"
 
-    @app.task(base=SingleFlightTask, single_flight={"key": "base:{n}", "on_busy": "wait"}, bind=True)
+    @app.task(shared=False, base=SingleFlightTask, single_flight={"key": "base:{n}", "on_busy": "wait"}, bind=True)
     def based(self: Any, n: int) -> list[Any]:
         with section(recorder, f"base:{n}"):
             time.sleep(0.05)
@@ -111,13 +111,13 @@ def define(app: Celery, recorder: redis.Redis) -> SimpleNamespace:
     sync = app.register_task(Sync())
 
     @single_flight(key="above:{n}", on_busy="wait")
-    @app.task(bind=True)
+    @app.task(shared=False, bind=True)
     def above(self: Any, n: int) -> str:
         with section(recorder, f"above:{n}"):
             time.sleep(0.05)
         return self.request.id
 
-    @app.task(bind=True, max_retries=3)
+    @app.task(shared=False, bind=True, max_retries=3)
     @single_flight(key="retry:{n}", on_busy="requeue")
     def retrying(self: Any, n: int) -> list[int]:
         recorder.rpush("retry-tokens", current_lock().token)  # type: ignore[union-attr]
@@ -125,7 +125,7 @@ def define(app: Celery, recorder: redis.Redis) -> SimpleNamespace:
             raise self.retry(countdown=0.05)
         return [int(t) for t in recorder.lrange("retry-tokens", 0, -1)]
 
-    @app.task
+    @app.task(shared=False)
     @single_flight(key="exit:{how}")
     def leaving(how: str) -> None:
         recorder.rpush("left", how)
@@ -135,7 +135,7 @@ def define(app: Celery, recorder: redis.Redis) -> SimpleNamespace:
             raise Reject("no", requeue=False)
         raise ValueError("body failed")
 
-    @app.task(base=SingleFlightTask, single_flight={"key": "lost:{n}", "ttl": 0.6}, bind=True)
+    @app.task(shared=False, base=SingleFlightTask, single_flight={"key": "lost:{n}", "ttl": 0.6}, bind=True)
     def losing(self: Any, n: int, lock_url: str) -> list[Any]:
         redis.Redis.from_url(lock_url).delete(f"dlock:lock:lost:{n}")  # another party breaks it
         deadline = time.monotonic() + 10
@@ -155,12 +155,12 @@ def define(app: Celery, recorder: redis.Redis) -> SimpleNamespace:
 
     losing.on_lock_lost = on_lock_lost
 
-    @app.task
+    @app.task(shared=False)
     @single_flight
     def hashed(a: int, b: int = 2) -> str:
         return current_lock().key  # type: ignore[union-attr]
 
-    @app.task
+    @app.task(shared=False)
     def plain(x: int) -> int:
         return x * 2
 
@@ -225,11 +225,11 @@ def test_app_wide_task_cls_leaves_plain_tasks_alone(redis_server, lock_server) -
     app = Celery("wide", task_cls="celery_dlock:SingleFlightTask", set_as_current=False)
     app.conf.update(broker_url=redis_server.url, result_backend=redis_server.url, dlock_redis_url=lock_server.url)
 
-    @app.task(name="wide.plain")
+    @app.task(shared=False, name="wide.plain")
     def plain(x: int) -> int:
         return x + 1
 
-    @app.task(name="wide.locked", single_flight={"key": "wide:{x}"})
+    @app.task(shared=False, name="wide.locked", single_flight={"key": "wide:{x}"})
     def locked(x: int) -> int:
         return current_lock().token  # type: ignore[union-attr]
 
@@ -358,7 +358,7 @@ def test_fail_closed_never_runs_unlocked(celery_app, recorder) -> None:
 
     celery_app.conf.update(dlock_redis_url="redis://127.0.0.1:1/0", dlock_max_requeues=2, **FAST_REQUEUE)
 
-    @celery_app.task
+    @celery_app.task(shared=False)
     @single_flight(key="down:{n}")
     def guarded(n: int) -> str:
         recorder.incr("down-ran")
@@ -375,7 +375,7 @@ def test_fail_open_runs_unlocked_with_a_warning(celery_app, recorder, caplog) ->
 
     celery_app.conf.update(dlock_redis_url="redis://127.0.0.1:1/0", dlock_fail_mode="open")
 
-    @celery_app.task
+    @celery_app.task(shared=False)
     @single_flight(key="open:{n}")
     def guarded(n: int) -> str:
         recorder.incr("open-ran")
