@@ -77,27 +77,32 @@ class SingleFlight:
             self.signature = None
         # Check the template against every argument name now, at import.
         KeySpec(options.key, task_name=self.name, signature=self.signature)
-        self._keys: dict[bool, KeySpec] = {}
+        self._keys: dict[tuple[str, bool], KeySpec] = {}
         self._policy: tuple[Any, Policy] | None = None
 
     def __repr__(self) -> str:
         return f"<SingleFlight {self.name} {self.options}>"
 
-    def keys(self, bound: bool) -> KeySpec:
-        """The key builder for calls that do (``bound``) or do not pass the task first."""
-        spec = self._keys.get(bound)
+    def keys(self, task_name: str, bound: bool) -> KeySpec:
+        """The key builder of the task named ``task_name``.
+
+        ``bound`` says whether the function takes the task first; keys are
+        always built from the call's arguments without it.
+        """
+        spec = self._keys.get((task_name, bound))
         if spec is None:
             signature = self.signature
             if bound and signature is not None:
                 signature = signature.replace(parameters=list(signature.parameters.values())[1:])
-            spec = self._keys[bound] = KeySpec(self.options.key, task_name=self.name, signature=signature)
+            spec = self._keys[(task_name, bound)] = KeySpec(
+                self.options.key, task_name=task_name, signature=signature
+            )
         return spec
 
-    def key_for(self, task: Any, args: Sequence[Any], kwargs: Mapping[str, Any], *, bound: bool) -> str:
+    def key_for(self, task: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
         """The lock key of one call; ``args`` never include the task itself."""
-        spec = self.keys(bound)
-        spec.task_name = task.name if task is not None else self.name
-        return spec.build(args, kwargs)
+        name = task.name if task is not None else self.name
+        return self.keys(name, self.is_bound(task)).build(args, kwargs)
 
     def is_bound(self, task: Any) -> bool:
         """Whether the guarded function takes the task as its first argument."""
@@ -134,7 +139,7 @@ class SingleFlight:
         request = task.request if task is not None else None
         task_id = getattr(request, "id", None)
         hostname = getattr(request, "hostname", None)
-        key = self.key_for(task, args, kwargs, bound=self.is_bound(task))
+        key = self.key_for(task, args, kwargs)
         try:
             lock = locks.redlock.acquire(
                 key,
@@ -170,7 +175,7 @@ class SingleFlight:
     ) -> bool:
         """Free the lock of a run whose pool process died; called in the main process."""
         try:
-            key = self.key_for(task, args or (), kwargs or {}, bound=self.is_bound(task))
+            key = self.key_for(task, args or (), kwargs or {})
             return locks_for(task.app).redlock.release_owner(key, owner_prefix(task_id, hostname))
         except (DLockError, TypeError, ValueError) as exc:
             _plain_logger.warning("could not free the lock of dead task %s[%s]: %s", task.name, task_id, exc)

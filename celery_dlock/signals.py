@@ -9,8 +9,9 @@ name), which only that run can have.  If even the main process dies, the
 lease ends within one ttl, since no watchdog renews it any more.
 
 The hooks are connected once per process, when the first single-flight task
-is defined, never at import time.  ``worker_init`` also checks every
-single-flight task's settings, so a bad value stops the worker at start-up.
+is defined, never at import time.  At ``worker_init`` a bootstep is added
+that checks every single-flight task's settings, so a bad value stops the
+worker at start-up with an error naming the setting.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 from typing import Any, Final
 
 from billiard.exceptions import WorkerLostError
-from celery import signals
+from celery import bootsteps, signals
 from celery.exceptions import TimeLimitExceeded
 
 from .errors import ConfigurationError
@@ -59,9 +60,30 @@ def guard_of(task: Any) -> Any:
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    app = sender.app
-    locks = locks_for(app)  # raises ConfigurationError naming a bad setting
-    locks.hostname = sender.hostname
+    # Signal receivers cannot stop a worker (their errors are only logged), but
+    # a bootstep that raises does: the check runs as one, before the pool starts.
+    sender.app.steps["worker"].add(SettingsCheck)
+
+
+class SettingsCheck(bootsteps.Step):  # type: ignore[misc]
+    """Worker bootstep: refuse to start on a bad ``dlock_*`` setting."""
+
+    name = "celery_dlock.settings-check"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        check_worker(worker)
+
+
+def check_worker(worker: Any) -> None:
+    """Check the settings of every single-flight task of the worker's app.
+
+    Raises :class:`~celery_dlock.errors.ConfigurationError` naming the
+    setting or task at fault.
+    """
+    app = worker.app
+    locks = locks_for(app)  # reads and checks the dlock_* settings
+    locks.hostname = worker.hostname
     visibility = _visibility_timeout(app)
     for task in list(app.tasks.values()):
         guard = guard_of(task)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -44,6 +45,7 @@ class Watchdog:
         self._order = itertools.count()
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._sleeping_until = 0.0
 
     def __len__(self) -> int:
         """How many locks are being kept alive."""
@@ -60,7 +62,9 @@ class Watchdog:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-            elif self._queue[0][0] == due:
+            elif due < self._sleeping_until:
+                # Waking the thread costs a context switch: only when it
+                # would otherwise sleep past the new lock's renewal.
                 self._wakeup.notify()
 
     def _run(self) -> None:
@@ -78,13 +82,16 @@ class Watchdog:
         with self._wakeup:
             while True:
                 if not self._queue:
+                    self._sleeping_until = math.inf
                     self._wakeup.wait()
                     continue
                 due, _, ref, every = self._queue[0]
                 wait = due - time.monotonic()
                 if wait > 0:
+                    self._sleeping_until = due
                     self._wakeup.wait(wait)
                     continue
+                self._sleeping_until = 0.0
                 heapq.heappop(self._queue)
                 lock = ref()
                 if _alive(lock):

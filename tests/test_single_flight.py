@@ -392,3 +392,33 @@ def test_fail_open_runs_unlocked_with_a_warning(celery_app, recorder, caplog) ->
         task_logger.removeHandler(caplog.handler)
     assert int(recorder.get("open-ran")) == 1
     assert any("unlocked" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+# -- the worker refuses bad settings at start-up --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("conf", "fragment"),
+    [
+        ({"dlock_on_busy": "later"}, "dlock_on_busy"),
+        ({"dlock_redis_url": "http://nowhere"}, "dlock_redis_url"),
+        (
+            {"dlock_requeue_max_delay": 120, "broker_transport_options": {"visibility_timeout": 60}},
+            "visibility_timeout",
+        ),
+    ],
+)
+def test_worker_refuses_to_start_on_a_bad_setting(celery_app, conf, fragment) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    from celery_dlock import ConfigurationError
+
+    celery_app.conf.update(conf)
+
+    @celery_app.task(shared=False)
+    @single_flight(key="cfg:{n}")
+    def guarded(n: int) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=fragment):
+        with start_worker(celery_app, pool="threads", concurrency=1, perform_ping_check=False):
+            pass
