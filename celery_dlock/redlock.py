@@ -171,9 +171,13 @@ class Lock:
             if time.monotonic() >= self._valid_until:
                 self._lost = True
             self._released = True
-            return self._redlock._release(self.key, self._owner)
+            return self._release_io()
 
     unlock = release
+
+    def _release_io(self) -> bool:
+        """Delete the lock on the nodes; subclasses may also hand it on."""
+        return self._redlock._release(self.key, self._owner)
 
     def _extend(self, ttl: float | None) -> None:
         with self._mutex:
