@@ -18,10 +18,13 @@ from typing import Any, ClassVar, Final
 
 from .errors import ConfigurationError
 
-__all__ = ["BUSY_POLICIES", "FAIL_MODES", "WAIT_FALLBACKS", "Settings"]
+__all__ = ["BUSY_POLICIES", "FAIL_MODES", "QUEUE_FULL", "WAIT_FALLBACKS", "Settings"]
 
 #: What a task does when its key is held: see the README's policy table.
-BUSY_POLICIES: Final = ("requeue", "skip", "wait", "raise")
+BUSY_POLICIES: Final = ("requeue", "skip", "wait", "raise", "queue", "coalesce")
+
+#: What ``queue`` and ``coalesce`` do when the key's queue is full.
+QUEUE_FULL: Final = ("requeue", "reject")
 
 #: Where a ``wait`` that timed out goes next.
 WAIT_FALLBACKS: Final = ("requeue", "skip", "raise")
@@ -58,6 +61,12 @@ class Settings:
     wait_fallback: str = "requeue"
     #: Seconds to wait for one Redis node before counting it as failed.
     socket_timeout: float = 0.25
+    #: How many messages one key's handoff queue may hold.
+    max_queued: int = 1000
+    #: ``requeue`` or ``reject`` a message that finds its key's queue full.
+    queue_full: str = "requeue"
+    #: Seconds between the worker's sweeps for handoffs lost with a dead holder.
+    sweep_interval: float = 5.0
 
     PREFIX: ClassVar[str] = "dlock_"
 
@@ -174,4 +183,7 @@ _CHECKS: Final = {
     "wait_timeout": check_positive,
     "wait_fallback": check_choice(WAIT_FALLBACKS),
     "socket_timeout": check_positive,
+    "max_queued": check_count,
+    "queue_full": check_choice(QUEUE_FULL),
+    "sweep_interval": check_positive,
 }

@@ -22,21 +22,41 @@ from typing import Any, Final, TypeVar
 from celery import current_app, states
 from celery.exceptions import Ignore
 from celery.utils.log import get_task_logger
+from kombu.utils.json import dumps as json_dumps
+from kombu.utils.json import loads as json_loads
 
 from .errors import DLockError, LockBusy, LockUnavailable, TaskSkipped
 from .events import send_task_event
+from .faults import fault_point
+from .handoff import AlreadyClaimed, Handoff, QueueFull
 from .keys import KeySpec
 from .options import Policy, SingleFlightOptions
 from .redlock import Lock
 from .runtime import AppLocks, locks_for
 
-__all__ = ["REQUEUES_HEADER", "SingleFlight", "current_lock", "owner_prefix"]
+__all__ = [
+    "REQUEUES_HEADER",
+    "TICKET_HEADER",
+    "SingleFlight",
+    "current_lock",
+    "owner_prefix",
+    "publish_handoff",
+]
 
 logger = get_task_logger(__name__)
 _plain_logger = logging.getLogger(__name__)
 
 #: The message header counting lock-busy requeues, apart from ``retries``.
 REQUEUES_HEADER: Final = "dlock_requeues"
+
+#: The header of a handed-off message: ``<ticket>@<retries>``.  A copy made
+#: by ``retry()`` carries the header but a higher ``retries``, and so counts
+#: as a new arrival rather than a claim on a spent ticket.
+TICKET_HEADER: Final = "dlock_ticket"
+
+#: How often a run whose key keeps flipping between free and busy tries to
+#: take it or park before it falls back to a requeue.
+_PARK_ATTEMPTS: Final = 3
 
 _current: contextvars.ContextVar[Lock | None] = contextvars.ContextVar("celery_dlock_lock", default=None)
 
@@ -140,18 +160,23 @@ class SingleFlight:
         task_id = getattr(request, "id", None)
         hostname = getattr(request, "hostname", None)
         key = self.key_for(task, args, kwargs)
+        outside_worker = request is None or request.called_directly or request.is_eager
+        on_lost = _LossReporter(task, app, task_id, hostname)
         try:
-            lock = locks.redlock.acquire(
-                key,
-                policy.ttl,
-                blocking=policy.on_busy == "wait",
-                timeout=policy.wait_timeout,
-                auto_extend=True,
-                max_hold=policy.max_hold,
-                label=task_id,
-                owner_prefix=owner_prefix(task_id, hostname),
-                on_lost=_LossReporter(task, app, task_id, hostname),
-            )
+            if policy.queues and not outside_worker:
+                lock = self._acquire_queued(task, app, locks, request, policy, key, on_lost)
+            else:
+                lock = locks.redlock.acquire(
+                    key,
+                    policy.ttl,
+                    blocking=policy.on_busy == "wait",
+                    timeout=policy.wait_timeout,
+                    auto_extend=True,
+                    max_hold=policy.max_hold,
+                    label=task_id,
+                    owner_prefix=owner_prefix(task_id, hostname),
+                    on_lost=on_lost,
+                )
         except LockBusy as busy:
             return self._busy(task, app, request, policy, busy)  # type: ignore[no-any-return]
         except LockUnavailable as down:
@@ -169,22 +194,89 @@ class SingleFlight:
             _current.reset(context)
             locks.drop(lock)
             lock.release()
+            handoff = getattr(lock, "handoff", None)
+            if handoff is not None:
+                publish_handoff(app, handoff)
 
     def release_dead_run(
         self, task: Any, task_id: str, hostname: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> bool:
-        """Free the lock of a run whose pool process died; called in the main process."""
+        """Free the lock of a run whose pool process died; called in the main process.
+
+        With a handoff queue, the key goes straight to the next parked message.
+        """
+        locks = locks_for(task.app)
         try:
             key = self.key_for(task, args or (), kwargs or {})
-            return locks_for(task.app).redlock.release_owner(key, owner_prefix(task_id, hostname))
+            prefix = owner_prefix(task_id, hostname)
+            policy = self.policy(locks)
+            if not policy.queues:
+                return locks.redlock.release_owner(key, prefix)
+            released, handoff = locks.handoff_queue.release_owner(key, prefix, policy.ttl)
         except (DLockError, TypeError, ValueError) as exc:
             _plain_logger.warning("could not free the lock of dead task %s[%s]: %s", task.name, task_id, exc)
             return False
+        if handoff is not None:
+            publish_handoff(task.app, handoff)
+        return released
+
+    # -- handoff queues ---------------------------------------------------------------
+
+    def _acquire_queued(
+        self, task: Any, app: Any, locks: AppLocks, request: Any, policy: Policy, key: str, on_lost: Any
+    ) -> Lock:
+        """Take the key, or park this message in its queue and raise ``Ignore``."""
+        ticket = _ticket_of(request)
+        queue = locks.handoff_queue
+        for _ in range(_PARK_ATTEMPTS):
+            try:
+                return queue.acquire(
+                    key, policy.ttl, ticket=ticket, on_lost=on_lost, max_hold=policy.max_hold,
+                    label=request.id, owner_prefix=owner_prefix(request.id, request.hostname),
+                )
+            except AlreadyClaimed:
+                logger.info("dropped a second copy of handed-off %s", _describe(task, request.id))
+                raise Ignore() from None
+            except LockBusy as busy:
+                stranded: Handoff | None = getattr(busy, "handoff", None)
+                if stranded is not None:
+                    publish_handoff(app, stranded)
+                if ticket is not None:
+                    # Our ticket is still parked and will be handed off again.
+                    raise Ignore() from None
+                if self._park(task, app, request, policy, key, busy):
+                    raise Ignore() from None
+        raise LockBusy.for_key(key, attempts=_PARK_ATTEMPTS, detail="the key kept changing hands")
+
+    def _park(self, task: Any, app: Any, request: Any, policy: Policy, key: str, busy: LockBusy) -> bool:
+        """Park the message behind the holder; False if the key came free."""
+        coalesce = policy.on_busy == "coalesce"
+        rider = locks_for(app).handoff_queue.park(
+            key, request.id, _message_of(task, request), max_queued=policy.max_queued, coalesce=coalesce
+        )
+        if rider is None:
+            return False
+        if rider != request.id:
+            logger.info("coalesced into %s[%s]: %s", task.name, rider, busy)
+            if not request.ignore_result and not task.ignore_result:
+                task.backend.store_result(request.id, {"coalesced_into": rider}, states.SUCCESS, request=request)
+            send_task_event(
+                app, "task-coalesced", uuid=request.id, hostname=request.hostname, key=key, into=rider
+            )
+        else:
+            logger.info("parked behind the holder of %r: %s", key, busy)
+            send_task_event(app, "task-parked", uuid=request.id, hostname=request.hostname, key=key)
+        return True
 
     # -- busy policies ----------------------------------------------------------------
 
     def _busy(self, task: Any, app: Any, request: Any, policy: Policy, busy: LockBusy) -> None:
-        action = policy.wait_fallback if policy.on_busy == "wait" else policy.on_busy
+        if isinstance(busy, QueueFull) and policy.queue_full == "reject":
+            raise busy
+        if policy.on_busy == "wait":
+            action = policy.wait_fallback
+        else:
+            action = _fallbacks.get(policy.on_busy, policy.on_busy)
         outside_worker = request is None or request.called_directly or request.is_eager
         if action == "raise" or (action == "requeue" and outside_worker):
             raise busy
@@ -211,6 +303,7 @@ class SingleFlight:
         if request is None or request.called_directly or request.is_eager:
             raise cause
         headers = dict(request.headers or {})
+        headers.pop(TICKET_HEADER, None)
         done = int(headers.get(REQUEUES_HEADER, 0))
         if done >= policy.max_requeues:
             raise _give_up(cause, done, policy.max_requeues)
@@ -240,6 +333,45 @@ class _LossReporter:
         hook = getattr(self.task, "on_lock_lost", None)
         if hook is not None:
             hook(lock, error)
+
+
+#: Queueing policies fall back to a requeue when they cannot park.
+_fallbacks: Final = {"queue": "requeue", "coalesce": "requeue"}
+
+
+def publish_handoff(app: Any, handoff: Handoff) -> None:
+    """Publish a parked message whose turn has come, claiming with its ticket."""
+    fault_point("before-handoff-publish")
+    message = json_loads(handoff.payload)
+    signature = app.signature(message)
+    options = dict(signature.options)
+    headers = dict(options.pop("headers", None) or {})
+    headers[TICKET_HEADER] = f"{handoff.ticket}@{options.get('retries', 0)}"
+    options.pop("task_id", None)
+    signature.apply_async(task_id=handoff.ticket, headers=headers, **options)
+
+
+def _message_of(task: Any, request: Any) -> bytes:
+    """The message to publish again at handoff: the task, its arguments and options."""
+    signature = task.signature_from_request(request)
+    message = dict(signature)
+    options = dict(message.get("options") or {})
+    headers = dict(options.get("headers") or {})
+    headers.pop(TICKET_HEADER, None)
+    options["headers"] = headers
+    options.pop("task_id", None)
+    message["options"] = options
+    encoded: str = json_dumps(message)
+    return encoded.encode()
+
+
+def _ticket_of(request: Any) -> str | None:
+    """The ticket a handed-off message claims with, unless a retry copied it."""
+    value = (request.headers or {}).get(TICKET_HEADER)
+    if not isinstance(value, str) or "@" not in value:
+        return None
+    ticket, _, retries = value.rpartition("@")
+    return ticket if retries == str(request.retries) else None
 
 
 def backoff(requeues: int, policy: Policy) -> float:

@@ -13,6 +13,7 @@ from typing import Any
 from .config import (
     BUSY_POLICIES,
     FAIL_MODES,
+    QUEUE_FULL,
     WAIT_FALLBACKS,
     Settings,
     check_choice,
@@ -34,7 +35,8 @@ class SingleFlightOptions:
     key: KeyTemplate = None
     #: Lease in seconds (``dlock_default_ttl``); renewed while the body runs.
     ttl: float | None = None
-    #: ``requeue``, ``skip``, ``wait`` or ``raise`` (``dlock_on_busy``).
+    #: ``requeue``, ``skip``, ``wait``, ``raise``, ``queue`` or ``coalesce``
+    #: (``dlock_on_busy``).
     on_busy: str | None = None
     #: Requeues allowed for one message (``dlock_max_requeues``).
     max_requeues: int | None = None
@@ -50,6 +52,10 @@ class SingleFlightOptions:
     fail_mode: str | None = None
     #: Stop renewing after this many seconds held; ``None`` renews until the end.
     max_hold: float | None = None
+    #: Messages one key's queue may hold (``dlock_max_queued``).
+    max_queued: int | None = None
+    #: ``requeue`` or ``reject`` when the queue is full (``dlock_queue_full``).
+    queue_full: str | None = None
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -97,6 +103,8 @@ class SingleFlightOptions:
             wait_fallback=pick("wait_fallback"),
             fail_mode=pick("fail_mode"),
             max_hold=self.max_hold,
+            max_queued=pick("max_queued"),
+            queue_full=pick("queue_full"),
         )
         if policy.requeue_max_delay < policy.requeue_delay:
             policy = replace(policy, requeue_max_delay=policy.requeue_delay)
@@ -116,6 +124,13 @@ class Policy:
     wait_fallback: str
     fail_mode: str
     max_hold: float | None
+    max_queued: int
+    queue_full: str
+
+    @property
+    def queues(self) -> bool:
+        """Whether duplicates park in the key's handoff queue."""
+        return self.on_busy in ("queue", "coalesce")
 
 
 _CHECKS: dict[str, Any] = {
@@ -128,4 +143,6 @@ _CHECKS: dict[str, Any] = {
     "wait_fallback": check_choice(WAIT_FALLBACKS),
     "fail_mode": check_choice(FAIL_MODES),
     "max_hold": check_positive,
+    "max_queued": check_count,
+    "queue_full": check_choice(QUEUE_FULL),
 }

@@ -12,6 +12,7 @@ import weakref
 from typing import Any
 
 from .config import Settings
+from .handoff import HandoffQueue
 from .redlock import Lock, Redlock
 
 __all__ = ["AppLocks", "locks_for"]
@@ -26,6 +27,7 @@ class AppLocks:
         #: The worker's node name, once the worker has started in this process.
         self.hostname: str | None = None
         self._redlock: Redlock | None = None
+        self._handoff_queue: HandoffQueue | None = None
         self._held: set[Lock] = set()
         self._mutex = threading.Lock()
 
@@ -41,6 +43,13 @@ class AppLocks:
                         socket_timeout=self.settings.socket_timeout,
                     )
         return self._redlock
+
+    @property
+    def handoff_queue(self) -> HandoffQueue:
+        """The handoff queues over the (single) lock node, made on first use."""
+        if self._handoff_queue is None:
+            self._handoff_queue = HandoffQueue(self.redlock)
+        return self._handoff_queue
 
     def hold(self, lock: Lock) -> None:
         """Remember a lock held by a task body running in this process."""

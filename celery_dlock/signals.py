@@ -26,6 +26,7 @@ from celery import bootsteps, signals
 from celery.exceptions import TimeLimitExceeded
 
 from .errors import ConfigurationError
+from .guard import publish_handoff
 from .runtime import known_apps, locks_for
 
 __all__ = ["connect_signals"]
@@ -65,31 +66,64 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     sender.app.steps["worker"].add(SettingsCheck)
 
 
-class SettingsCheck(bootsteps.Step):  # type: ignore[misc]
-    """Worker bootstep: refuse to start on a bad ``dlock_*`` setting."""
+class SettingsCheck(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep: refuse to start on a bad ``dlock_*`` setting.
+
+    When a task parks messages in handoff queues, it also sweeps them on a
+    timer in the main process, handing on the queues of holders that died.
+    """
 
     name = "celery_dlock.settings-check"
+    requires = ("celery.worker.components:Timer",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        check_worker(worker)
+        self.queues = check_worker(worker)
+
+    def start(self, worker: Any) -> None:
+        if self.queues:
+            interval = locks_for(worker.app).settings.sweep_interval
+            worker.timer.call_repeatedly(interval, sweep_handoffs, (worker.app,))
 
 
-def check_worker(worker: Any) -> None:
+def sweep_handoffs(app: Any) -> int:
+    """Publish the handoffs of queues whose holder died; returns how many."""
+    locks = locks_for(app)
+    try:
+        handoffs = locks.handoff_queue.sweep(locks.settings.default_ttl)
+        for handoff in handoffs:
+            publish_handoff(app, handoff)
+    except Exception:  # the timer must keep running
+        logger.warning("handoff sweep failed", exc_info=True)
+        return 0
+    if handoffs:
+        logger.info("handed on %d parked message(s) whose holder had gone", len(handoffs))
+    return len(handoffs)
+
+
+def check_worker(worker: Any) -> bool:
     """Check the settings of every single-flight task of the worker's app.
 
     Raises :class:`~celery_dlock.errors.ConfigurationError` naming the
-    setting or task at fault.
+    setting or task at fault.  Returns whether any task uses a handoff queue.
     """
     app = worker.app
     locks = locks_for(app)  # reads and checks the dlock_* settings
     locks.hostname = worker.hostname
     visibility = _visibility_timeout(app)
+    queues = False
     for task in list(app.tasks.values()):
         guard = guard_of(task)
         if guard is None:
             continue
         policy = guard.policy(locks)
+        if policy.queues:
+            queues = True
+            if len(locks.settings.redis_url) != 1:
+                raise ConfigurationError(
+                    f"task {task.name!r}: on_busy={policy.on_busy!r} keeps its queue on one Redis node, "
+                    f"but dlock_redis_url lists {len(locks.settings.redis_url)}"
+                )
         if visibility is not None and policy.requeue_max_delay >= visibility:
             raise ConfigurationError(
                 f"task {task.name!r}: requeue_max_delay={policy.requeue_max_delay}s reaches the Redis "
@@ -97,6 +131,7 @@ def check_worker(worker: Any) -> None:
                 "delivered twice; lower dlock_requeue_max_delay or raise "
                 "broker_transport_options['visibility_timeout']"
             )
+    return queues
 
 
 def _visibility_timeout(app: Any) -> float | None:
