@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from datetime import timedelta
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -50,6 +51,9 @@ def single_flight(
     wait_fallback: str | None = None,
     fail_mode: str | None = None,
     max_hold: float | None = None,
+    max_queued: int | None = None,
+    queue_full: str | None = None,
+    hold: float | bool | timedelta | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -61,7 +65,8 @@ def single_flight(target: Any = None, /, **options: Any) -> Any:
             ``"ledger:{account_id}"``, or a callable taking the task's
             arguments and returning the key.
         ttl: The lease in seconds, renewed while the body runs.
-        on_busy: ``"requeue"``, ``"skip"``, ``"wait"`` or ``"raise"``.
+        on_busy: ``"requeue"``, ``"skip"``, ``"wait"``, ``"raise"``,
+            ``"queue"`` or ``"coalesce"``.
         max_requeues: Lock-busy requeues allowed per message, counted apart
             from the task's own ``max_retries``.
         requeue_delay: The first requeue countdown; it doubles, jittered.
@@ -70,6 +75,13 @@ def single_flight(target: Any = None, /, **options: Any) -> Any:
         wait_fallback: ``"requeue"``, ``"skip"`` or ``"raise"`` after a wait.
         fail_mode: ``"closed"`` (never run unlocked) or ``"open"``.
         max_hold: Stop renewing after this many seconds.
+        max_queued: For ``queue`` and ``coalesce``, the most messages one
+            key's queue may hold.
+        queue_full: ``"requeue"`` or ``"reject"`` when that queue is full.
+        hold: Keep the lock after the body succeeds: ``True`` until the ttl
+            runs out, or a period (seconds or a timedelta) to the end of the
+            current slot of that length, so that duplicates of one periodic
+            run run once.  Duplicates are skipped unless ``on_busy`` is given.
 
     Used bare, as ``@single_flight``, every option takes its default.
     """

@@ -16,6 +16,7 @@ import contextvars
 import inspect
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
@@ -160,6 +161,9 @@ class SingleFlight:
         task_id = getattr(request, "id", None)
         hostname = getattr(request, "hostname", None)
         key = self.key_for(task, args, kwargs)
+        hold_for = _hold_seconds(policy.hold, policy.ttl)
+        if policy.hold is not None and policy.hold is not True:
+            key = f"{key}@{int(time.time() // policy.hold)}"
         outside_worker = request is None or request.called_directly or request.is_eager
         on_lost = _LossReporter(task, app, task_id, hostname)
         try:
@@ -188,12 +192,18 @@ class SingleFlight:
         send_task_event(app, "task-lock-acquired", uuid=task_id, hostname=hostname, key=key, token=lock.token)
         locks.hold(lock)
         context = _current.set(lock)
+        succeeded = False
         try:
-            return body()
+            result = body()
+            succeeded = True
+            return result
         finally:
             _current.reset(context)
             locks.drop(lock)
-            lock.release()
+            if succeeded and hold_for:
+                lock.keep(hold_for())
+            else:
+                lock.release()
             handoff = getattr(lock, "handoff", None)
             if handoff is not None:
                 publish_handoff(app, handoff)
@@ -372,6 +382,16 @@ def _ticket_of(request: Any) -> str | None:
         return None
     ticket, _, retries = value.rpartition("@")
     return ticket if retries == str(request.retries) else None
+
+
+def _hold_seconds(hold: float | bool | None, ttl: float) -> Callable[[], float] | None:
+    """How long a successful run keeps its lock, computed when it ends."""
+    if not hold:
+        return None
+    if hold is True:
+        return lambda: ttl
+    period = float(hold)
+    return lambda: max(0.001, period - time.time() % period)
 
 
 def backoff(requeues: int, policy: Policy) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from datetime import timedelta
 from typing import Any
 
 from .config import (
@@ -56,8 +57,17 @@ class SingleFlightOptions:
     max_queued: int | None = None
     #: ``requeue`` or ``reject`` when the queue is full (``dlock_queue_full``).
     queue_full: str | None = None
+    #: Keep the lock after the body succeeds: ``True`` until the ttl runs
+    #: out, or a period in seconds (or a timedelta) to the end of the current
+    #: slot of that length.  Duplicates of one run then run once; with no
+    #: ``on_busy`` given they are skipped.
+    hold: float | bool | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.hold, timedelta):
+            object.__setattr__(self, "hold", self.hold.total_seconds())
+        if self.hold is not None and self.hold is not True:
+            check_positive("hold", self.hold)
         for name, check in _CHECKS.items():
             value = getattr(self, name)
             if value is not None:
@@ -93,9 +103,10 @@ class SingleFlightOptions:
             value = getattr(self, name)
             return getattr(settings, name) if value is None else value
 
+        on_busy = self.on_busy or ("skip" if self.hold else settings.on_busy)
         policy = Policy(
             ttl=self.ttl if self.ttl is not None else settings.default_ttl,
-            on_busy=pick("on_busy"),
+            on_busy=on_busy,
             max_requeues=pick("max_requeues"),
             requeue_delay=pick("requeue_delay"),
             requeue_max_delay=pick("requeue_max_delay"),
@@ -105,6 +116,7 @@ class SingleFlightOptions:
             max_hold=self.max_hold,
             max_queued=pick("max_queued"),
             queue_full=pick("queue_full"),
+            hold=self.hold,
         )
         if policy.requeue_max_delay < policy.requeue_delay:
             policy = replace(policy, requeue_max_delay=policy.requeue_delay)
@@ -126,6 +138,7 @@ class Policy:
     max_hold: float | None
     max_queued: int
     queue_full: str
+    hold: float | bool | None = None
 
     @property
     def queues(self) -> bool:

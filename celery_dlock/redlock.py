@@ -175,6 +175,25 @@ class Lock:
 
     unlock = release
 
+    def keep(self, seconds: float) -> bool:
+        """Keep the lock for ``seconds`` more, then let it expire on its own.
+
+        Renewal stops and :meth:`release` becomes a no-op: for work that must
+        not run again until a period is over, even though it has finished.
+        Returns False, having released nothing, if the lock was already lost.
+        """
+        seconds = _check_ttl(seconds)
+        with self._mutex:
+            if self._released:
+                return False
+            self._released = True
+            try:
+                self._redlock._extend(self.key, self._owner, seconds)
+            except DLockError:
+                self._lost = True
+                return False
+            return True
+
     def _release_io(self) -> bool:
         """Delete the lock on the nodes; subclasses may also hand it on."""
         return self._redlock._release(self.key, self._owner)

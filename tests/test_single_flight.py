@@ -422,3 +422,64 @@ def test_worker_refuses_to_start_on_a_bad_setting(celery_app, conf, fragment) ->
     with pytest.raises(ConfigurationError, match=fragment):
         with start_worker(celery_app, pool="threads", concurrency=1, perform_ping_check=False):
             pass
+
+
+# -- hold: keep the lock after the body, so duplicates of one run run once ------------------------
+
+
+def test_hold_keeps_the_lock_until_the_ttl_runs_out(celery_app, celery_worker_pool, recorder, lock_server) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    @celery_app.task(shared=False)
+    @single_flight(key="held:{n}", ttl=1.5, hold=True)
+    def tick(n: int) -> str:
+        recorder.incr("ticks")
+        return "ran"
+
+    with start_worker(celery_app, pool="threads", concurrency=2, perform_ping_check=False):
+        assert tick.delay(1).get(timeout=10) == "ran"
+        with pytest.raises(TaskSkipped):
+            tick.delay(1).get(timeout=10)  # a second publish of the same run
+        assert lock_server.client().exists("dlock:lock:held:1"), "kept after the body returned"
+        assert wait_for(lambda: not lock_server.client().exists("dlock:lock:held:1"), timeout=5)
+        assert tick.delay(1).get(timeout=10) == "ran"
+    assert int(recorder.get("ticks")) == 2
+
+
+def test_hold_for_a_period_runs_once_per_slot(celery_app, recorder) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    period = 2.0
+
+    @celery_app.task(shared=False)
+    @single_flight(key="slot:{n}", hold=period)
+    def tick(n: int) -> str:
+        recorder.incr("slot-ticks")
+        return "ran"
+
+    with start_worker(celery_app, pool="threads", concurrency=2, perform_ping_check=False):
+        time.sleep(period - time.time() % period + 0.05)  # start just after a slot begins
+        outcomes = []
+        for _ in range(3):
+            try:
+                outcomes.append(tick.delay(1).get(timeout=10))
+            except TaskSkipped:
+                outcomes.append("skipped")
+        assert outcomes == ["ran", "skipped", "skipped"]
+        time.sleep(period - time.time() % period + 0.05)  # the next slot
+        assert tick.delay(1).get(timeout=10) == "ran"
+    assert int(recorder.get("slot-ticks")) == 2
+
+
+def test_hold_releases_when_the_body_fails(celery_app, lock_server) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    @celery_app.task(shared=False)
+    @single_flight(key="held-fail", hold=True, ttl=30)
+    def tick() -> None:
+        raise RuntimeError("failed run")
+
+    with start_worker(celery_app, pool="threads", concurrency=2, perform_ping_check=False):
+        with pytest.raises(RuntimeError):
+            tick.delay().get(timeout=10)
+    assert not lock_server.client().exists("dlock:lock:held-fail")
