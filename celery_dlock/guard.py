@@ -180,6 +180,7 @@ class SingleFlight:
                     label=task_id,
                     owner_prefix=owner_prefix(task_id, hostname),
                     on_lost=on_lost,
+                    count_as=_label(task, self),
                 )
         except LockBusy as busy:
             return self._busy(task, app, request, policy, busy)  # type: ignore[no-any-return]
@@ -243,6 +244,7 @@ class SingleFlight:
                 return queue.acquire(
                     key, policy.ttl, ticket=ticket, on_lost=on_lost, max_hold=policy.max_hold,
                     label=request.id, owner_prefix=owner_prefix(request.id, request.hostname),
+                    count_as=task.name,
                 )
             except AlreadyClaimed:
                 logger.info("dropped a second copy of handed-off %s", _describe(task, request.id))
@@ -266,6 +268,7 @@ class SingleFlight:
         )
         if rider is None:
             return False
+        locks_for(app).redlock.count(task.name, "coalesced" if rider != request.id else "parked")
         if rider != request.id:
             logger.info("coalesced into %s[%s]: %s", task.name, rider, busy)
             if not request.ignore_result and not task.ignore_result:
@@ -301,6 +304,7 @@ class SingleFlight:
         if outside_worker:
             raise skipped
         logger.warning("skipped: %s", skipped)
+        locks_for(app).redlock.count(task.name, "skipped")
         if not request.ignore_result and not task.ignore_result:
             task.backend.store_result(request.id, skipped, states.FAILURE, request=request)
         send_task_event(
@@ -321,6 +325,7 @@ class SingleFlight:
         headers[REQUEUES_HEADER] = done + 1
         task.signature_from_request(request, countdown=countdown, headers=headers).apply_async()
         logger.info("requeued in %.2fs (%d/%d): %s", countdown, done + 1, policy.max_requeues, cause)
+        locks_for(app).redlock.count(task.name, "requeued")
         send_task_event(
             app, "task-requeued", uuid=request.id, hostname=request.hostname,
             key=cause.key, countdown=countdown, requeues=done + 1,
@@ -336,6 +341,8 @@ class _LossReporter:
 
     def __call__(self, lock: Lock, error: DLockError) -> None:
         logger.warning("lock %r of %s lost mid-body: %s", lock.key, _describe(self.task, self.task_id), error)
+        if lock.count_as:
+            locks_for(self.app).redlock.count(lock.count_as, "lost")
         send_task_event(
             self.app, "task-lock-lost", uuid=self.task_id, hostname=self.hostname,
             key=lock.key, token=lock.token, reason=str(error),
@@ -406,6 +413,11 @@ def _give_up(cause: DLockError, done: int, limit: int) -> DLockError:
         return LockBusy.for_key(cause.key or "", attempts=done, holder=cause.holder, detail=detail)
     errors = cause.errors if isinstance(cause, LockUnavailable) else ()
     return LockUnavailable.for_key(cause.key, attempts=done, errors=errors, reason=f"unreachable; {detail}")
+
+
+def _label(task: Any, guard: SingleFlight) -> str:
+    """What a run's counters are kept under: its task's name."""
+    return task.name if task is not None else guard.name
 
 
 def _describe(task: Any, task_id: str | None) -> str:

@@ -66,7 +66,9 @@ class QueuedLock(Lock):
 
     def _release_io(self) -> bool:
         queue: HandoffQueue = self._queue  # type: ignore[attr-defined]
-        released, self.handoff = queue._hand_off(scripts.RELEASE_HANDOFF, self.key, self.owner, self.ttl)
+        released, self.handoff = queue._hand_off(
+            scripts.RELEASE_HANDOFF, self.key, self.owner, self.ttl, count_as=self.count_as
+        )
         return released
 
 
@@ -96,6 +98,7 @@ class HandoffQueue:
         max_hold: float | None = None,
         label: str | None = None,
         owner_prefix: str = "",
+        count_as: str | None = None,
     ) -> QueuedLock:
         """Take ``key`` once, without waiting; renewed by the watchdog.
 
@@ -112,15 +115,16 @@ class HandoffQueue:
         ttl_ms = math.ceil(ttl * 1000)
         started = time.monotonic()
         reply = self._call(
-            scripts.ACQUIRE_QUEUED, key, self.redlock._fence_key,
+            scripts.ACQUIRE_QUEUED, key, [self.redlock._fence_key, *self._counters(count_as)],
             owner, ttl_ms, _metadata(label), ticket or "", ttl_ms, key, self.redlock._channel(key),
+            *([count_as] if count_as else []),
         )
         outcome = reply[0]
         if outcome == 1:
             drift = ttl * self.redlock.drift_factor + 0.002
             lock = QueuedLock(
                 self.redlock, key, owner, int(reply[1]), ttl, started + ttl - drift,
-                label=label, on_lost=on_lost, max_hold=max_hold,
+                label=label, on_lost=on_lost, max_hold=max_hold, count_as=count_as,
             )
             lock._queue = self  # type: ignore[attr-defined]
             self.redlock._watchdog_for_process().watch(lock, self.redlock.extend_every)
@@ -146,7 +150,7 @@ class HandoffQueue:
         """
         _check_key(key)
         reply = self._call(
-            scripts.PARK, key, None, ticket, payload, max_queued, key, "1" if coalesce else "0"
+            scripts.PARK, key, [], ticket, payload, max_queued, key, "1" if coalesce else "0"
         )
         if reply[0] == 0:
             return None
@@ -177,7 +181,7 @@ class HandoffQueue:
         for raw in members:
             key = _text(raw)
             reply = self._call(
-                scripts.SWEEP, key, None, math.ceil(reserve_ttl * 1000), key, self.redlock._channel(key)
+                scripts.SWEEP, key, [], math.ceil(reserve_ttl * 1000), key, self.redlock._channel(key)
             )
             if reply[0] == 1:
                 handoffs.append(Handoff(key, _text(reply[1]), reply[2]))
@@ -192,10 +196,14 @@ class HandoffQueue:
 
     # -- internals ---------------------------------------------------------------
 
-    def _hand_off(self, script: scripts.Script, key: str, owner: str, ttl: float) -> tuple[bool, Handoff | None]:
+    def _hand_off(
+        self, script: scripts.Script, key: str, owner: str, ttl: float, *, count_as: str | None = None
+    ) -> tuple[bool, Handoff | None]:
         try:
             reply = self._call(
-                script, key, None, owner, self.redlock._channel(key), math.ceil(ttl * 1000), key
+                script, key, self._counters(count_as),
+                owner, self.redlock._channel(key), math.ceil(ttl * 1000), key,
+                *([count_as] if count_as else []),
             )
         except LockUnavailable:
             return False, None  # the lease runs out; the sweep hands the queue on
@@ -209,8 +217,11 @@ class HandoffQueue:
         prefix = self.redlock.key_prefix
         return [f"{prefix}lock:{key}", f"{prefix}queue:{key}", f"{prefix}parked:{key}", self._queues_key]
 
-    def _call(self, script: scripts.Script, key: str, extra_key: str | None, *args: Any) -> Sequence[Reply]:
-        keys = self._queue_keys(key) + ([extra_key] if extra_key else [])
+    def _counters(self, count_as: str | None) -> list[str]:
+        return [self.redlock._stats_key] if count_as else []
+
+    def _call(self, script: scripts.Script, key: str, extra_keys: list[str], *args: Any) -> Sequence[Reply]:
+        keys = self._queue_keys(key) + extra_keys
         reply = self._node.execute(pack("EVALSHA", script.sha, len(keys), *keys, *args))
         if isinstance(reply, BaseException):
             raise LockUnavailable.for_key(key, attempts=1, errors=[(self._node.name, reply)])

@@ -73,6 +73,7 @@ class Lock:
         label: str | None = None,
         on_lost: LostCallback | None = None,
         max_hold: float | None = None,
+        count_as: str | None = None,
     ) -> None:
         #: The key as the caller gave it, without the prefix.
         self.key = key
@@ -86,6 +87,8 @@ class Lock:
         self.on_lost = on_lost
         #: Stop auto-extending once the lock has been held this many seconds.
         self.max_hold = max_hold
+        #: The label its events are counted under, if counted.
+        self.count_as = count_as
         #: How many times the lease has been extended.
         self.extensions = 0
         #: When the lock was acquired, on the monotonic clock.
@@ -196,7 +199,7 @@ class Lock:
 
     def _release_io(self) -> bool:
         """Delete the lock on the nodes; subclasses may also hand it on."""
-        return self._redlock._release(self.key, self._owner)
+        return self._redlock._release(self.key, self._owner, count_as=self.count_as)
 
     def _extend(self, ttl: float | None) -> None:
         with self._mutex:
@@ -301,6 +304,7 @@ class Redlock:
         self.extend_every = extend_every
         self._watchdog = watchdog
         self._fence_key = f"{key_prefix}fence"
+        self._stats_key = f"{key_prefix}stats"
 
     def __repr__(self) -> str:
         return f"<Redlock {len(self.nodes)} node(s), quorum {self.quorum}>"
@@ -319,6 +323,7 @@ class Redlock:
         max_hold: float | None = None,
         label: str | None = None,
         owner_prefix: str = "",
+        count_as: str | None = None,
     ) -> Lock:
         """Take the lock on ``key`` for a lease of ``ttl`` seconds.
 
@@ -332,6 +337,8 @@ class Redlock:
         ``owner_prefix`` starts the lock's owner value, so that a supervisor
         that knows it can free the lock of a holder that died
         (:meth:`release_owner`); the rest stays 128 random bits.
+        ``count_as`` counts this lock's acquisitions, busy refusals and
+        releases under that label, inside the lock scripts (see :meth:`stats`).
 
         Raises :class:`LockBusy` if the key stayed held, and
         :class:`LockUnavailable` if a quorum could not be reached.
@@ -357,12 +364,12 @@ class Redlock:
         try:
             while True:
                 attempts += 1
-                outcome = self._attempt(key, owner, ttl, meta, attempts)
+                outcome = self._attempt(key, owner, ttl, meta, attempts, count_as)
                 if isinstance(outcome, tuple):
                     token, valid_until = outcome
                     lock = Lock(
                         self, key, owner, token, ttl, valid_until,
-                        label=label, on_lost=on_lost, max_hold=max_hold,
+                        label=label, on_lost=on_lost, max_hold=max_hold, count_as=count_as,
                     )
                     if auto_extend:
                         self._watchdog_for_process().watch(lock, self.extend_every)
@@ -453,6 +460,32 @@ class Redlock:
             return holder
         return None
 
+    def count(self, label: str, event: str, amount: int = 1) -> None:
+        """Add to the counter ``<label>:<event>`` on every node, without waiting.
+
+        For events the lock scripts cannot see (a requeue, a skip, a loss):
+        the command is sent and its reply skipped later, so it costs no round
+        trip.
+        """
+        command = pack("HINCRBY", self._stats_key, f"{label}:{event}", amount)
+        fan_out([(node, command) for node in self.nodes], decided=lambda replies: True, timeout=0)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """The counters by label, read from the first node that answers.
+
+        Every node counts the same events, so one node is enough.
+        """
+        for node in self.nodes:
+            reply = node.execute(pack("HGETALL", self._stats_key))
+            if isinstance(reply, BaseException):
+                continue
+            counters: dict[str, dict[str, int]] = {}
+            for field, value in zip(reply[::2], reply[1::2]):
+                label, _, event = field.decode().rpartition(":")
+                counters.setdefault(label, {})[event] = int(value)
+            return counters
+        raise LockUnavailable.for_key(None, attempts=1, reason="no node answered for the counters")
+
     def close(self) -> None:
         """Close the calling thread's connections to every node."""
         for node in self.nodes:
@@ -461,15 +494,21 @@ class Redlock:
     # -- one attempt -----------------------------------------------------------
 
     def _attempt(
-        self, key: str, owner: str, ttl: float, meta: str, attempt: int
+        self, key: str, owner: str, ttl: float, meta: str, attempt: int, count_as: str | None = None
     ) -> tuple[int, float] | LockBusy | LockUnavailable:
         """Try once.  Returns ``(token, valid_until)`` or the error to raise."""
         ttl_ms = math.ceil(ttl * 1000)
         started = time.monotonic()
-        command = pack(
-            "EVALSHA", scripts.ACQUIRE.sha, 2,
-            self._lock_key(key), self._fence_key, owner, ttl_ms, meta,
-        )
+        if count_as is None:
+            command = pack(
+                "EVALSHA", scripts.ACQUIRE.sha, 2,
+                self._lock_key(key), self._fence_key, owner, ttl_ms, meta,
+            )
+        else:
+            command = pack(
+                "EVALSHA", scripts.ACQUIRE.sha, 3,
+                self._lock_key(key), self._fence_key, self._stats_key, owner, ttl_ms, meta, count_as,
+            )
         replies = self._broadcast(command, granted=_is_granted)
         tokens = {i: int(r[1]) for i, r in enumerate(replies) if _is_granted(r)}
 
@@ -530,16 +569,22 @@ class Redlock:
             raise LockLost(f"lock {key!r} is no longer ours on a quorum of nodes", key=key)
         raise LockUnavailable.for_key(key, attempts=1, errors=self._errors(replies), reason="could not extend on a quorum")
 
-    def _release(self, key: str, owner: str, nodes: Sequence[Node] | None = None) -> bool:
+    def _release(
+        self, key: str, owner: str, nodes: Sequence[Node] | None = None, *, count_as: str | None = None
+    ) -> bool:
         """Delete the lock wherever ``owner`` still holds it.
 
         Returns True when a quorum confirmed.  With ``nodes`` given (cleaning
         up a failed attempt) it sends to those nodes only and does not wait:
         their replies are skipped on the next call.
         """
-        command = pack(
-            "EVALSHA", scripts.RELEASE.sha, 1, self._lock_key(key), owner, self._channel(key)
-        )
+        if count_as is None:
+            command = pack("EVALSHA", scripts.RELEASE.sha, 1, self._lock_key(key), owner, self._channel(key))
+        else:
+            command = pack(
+                "EVALSHA", scripts.RELEASE.sha, 2,
+                self._lock_key(key), self._stats_key, owner, self._channel(key), count_as,
+            )
         if nodes is not None:
             fan_out([(node, command) for node in nodes], decided=lambda r: True, timeout=0)
             return False

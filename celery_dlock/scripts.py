@@ -53,8 +53,24 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
+def _counter(key: int, label: int) -> str:
+    """Lua ``count(event)``: HINCRBY ``<label>:<event>`` in KEYS[key], if given.
+
+    Counting rides in the script that does the work, so it costs no round
+    trip; callers that want no counters pass neither the key nor the label.
+    """
+    return f"""
+local function count(event)
+    if KEYS[{key}] then
+        redis.call('HINCRBY', KEYS[{key}], ARGV[{label}] .. ':' .. event, 1)
+    end
+end
+"""
+
+
 # KEYS[1]  the lock hash
 # KEYS[2]  the node's fencing counter
+# KEYS[3]  optional: the counters hash (ARGV[4] is then the counters' label)
 # ARGV[1]  the acquirer's owner value
 # ARGV[2]  the lease in milliseconds
 # ARGV[3]  the holder metadata (JSON)
@@ -63,18 +79,20 @@ class Script:
 #          when another owner holds it
 ACQUIRE = Script(
     "acquire",
-    """
+    _counter(3, 4) + """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
     local token = redis.call('INCR', KEYS[2])
     redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token, 'meta', ARGV[3])
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    count('acquired')
     return {1, token}
 end
 if owner == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {1, tonumber(redis.call('HGET', KEYS[1], 'token'))}
 end
+count('busy')
 return {0, redis.call('HGET', KEYS[1], 'meta'), redis.call('PTTL', KEYS[1])}
 """,
 )
@@ -95,15 +113,17 @@ return 0
 )
 
 # KEYS[1]  the lock hash
+# KEYS[2]  optional: the counters hash (ARGV[3] is then the counters' label)
 # ARGV[1]  the owner value
 # ARGV[2]  the channel that blocked acquirers listen on
 # return   1 when the lock was ours and is now deleted, 0 otherwise
 RELEASE = Script(
     "release",
-    """
+    _counter(2, 3) + """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
     redis.call('DEL', KEYS[1])
     redis.call('PUBLISH', ARGV[2], '')
+    count('released')
     return 1
 end
 return 0
@@ -175,14 +195,16 @@ local function hand_off(reserve_ms, key, channel)
 end
 """
 
+# KEYS[5] optional counters hash, with ARGV[5] its label
 # ARGV[1] owner  ARGV[2] channel  ARGV[3] reservation ms  ARGV[4] key
 # return  {0} when the lock is not ours, else what hand_off returns
 RELEASE_HANDOFF = Script(
     "release_handoff",
-    _HAND_OFF + """
+    _HAND_OFF + _counter(5, 5) + """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
     return {0}
 end
+count('released')
 return hand_off(ARGV[3], ARGV[4], ARGV[2])
 """,
 )
@@ -251,6 +273,7 @@ return {1, ARGV[1]}
 
 # Acquire a key that has a handoff queue.
 # KEYS[5]  the node's fencing counter
+# KEYS[6]  optional: the counters hash, with ARGV[8] its label
 # ARGV[1] owner  ARGV[2] lease ms  ARGV[3] metadata  ARGV[4] ticket or ''
 # ARGV[5] reservation ms  ARGV[6] key  ARGV[7] channel
 # return  {1, token}: the lock is ours (a ticket is claimed: it leaves the queue)
@@ -260,8 +283,9 @@ return {1, ARGV[1]}
 #           it is now reserved for the oldest, which the caller must hand off
 ACQUIRE_QUEUED = Script(
     "acquire_queued",
-    _HAND_OFF + """
+    _HAND_OFF + _counter(6, 8) + """
 local function grant()
+    count('acquired')
     local token = redis.call('INCR', KEYS[5])
     redis.call('DEL', KEYS[1])
     redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token, 'meta', ARGV[3])
@@ -279,6 +303,7 @@ if ticket ~= '' then
         return {3}
     end
     if owner and owner ~= 'park:' .. ticket then
+        count('busy')
         return {0, redis.call('HGET', KEYS[1], 'meta'), redis.call('PTTL', KEYS[1])}
     end
     redis.call('LREM', KEYS[2], 1, ticket)
@@ -289,6 +314,7 @@ if ticket ~= '' then
     return grant()
 end
 if owner then
+    count('busy')
     return {0, redis.call('HGET', KEYS[1], 'meta'), redis.call('PTTL', KEYS[1])}
 end
 local outcome = hand_off(ARGV[5], ARGV[6], ARGV[7])

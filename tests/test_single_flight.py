@@ -483,3 +483,13 @@ def test_hold_releases_when_the_body_fails(celery_app, lock_server) -> None:
         with pytest.raises(RuntimeError):
             tick.delay().get(timeout=10)
     assert not lock_server.client().exists("dlock:lock:held-fail")
+
+
+def test_counters_are_kept_per_task_in_redis(tasks, celery_worker, lock_server) -> None:
+    holder = hold_externally(lock_server, "skip:9")
+    with pytest.raises(TaskSkipped):
+        tasks.skipper.delay(9).get(timeout=10)
+    holder.release()
+    assert tasks.skipper.delay(9).get(timeout=10) == "ran"
+    stats = Redlock(lock_server.url).stats()[tasks.skipper.name]
+    assert stats == {"busy": 1, "skipped": 1, "acquired": 1, "released": 1}
