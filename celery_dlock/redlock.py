@@ -442,6 +442,22 @@ class Redlock:
         replies = self._broadcast(command, granted=lambda r: r == 1)
         return sum(1 for r in replies if r == 1) >= self.quorum
 
+    def force_release(self, key: str) -> dict[str, Any] | None:
+        """Delete ``key``'s lock whoever holds it; returns the holder it had.
+
+        For operators clearing a stuck lock: it skips the owner check, so the
+        holder, if still running, is no longer protected.  Blocked waiters are
+        woken.  Returns ``None`` if no node held the key.
+        """
+        held = self.holder(key)
+        command = pack("EVALSHA", scripts.FORCE_RELEASE.sha, 1, self._lock_key(key), self._channel(key))
+        replies = fan_out(
+            [(node, command) for node in self.nodes], decided=lambda r: False, timeout=self.socket_timeout
+        )
+        removed = sum(1 for r in replies if r == 1)
+        logger.warning("forced release of lock %r (held by %s) on %d node(s)", key, held, removed)
+        return held if removed else None
+
     def holder(self, key: str) -> dict[str, Any] | None:
         """The metadata of whoever holds ``key`` on the first node that answers.
 

@@ -31,6 +31,7 @@ __all__ = [
     "ALL",
     "EXTEND",
     "FENCE_FLOOR",
+    "FORCE_RELEASE",
     "PARK",
     "RELEASE",
     "RELEASE_HANDOFF",
@@ -124,6 +125,20 @@ if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
     redis.call('DEL', KEYS[1])
     redis.call('PUBLISH', ARGV[2], '')
     count('released')
+    return 1
+end
+return 0
+""",
+)
+
+# KEYS[1]  the lock hash
+# ARGV[1]  the channel that blocked acquirers listen on
+# return   1 when a lock was deleted, whoever held it
+FORCE_RELEASE = Script(
+    "force_release",
+    """
+if redis.call('DEL', KEYS[1]) == 1 then
+    redis.call('PUBLISH', ARGV[1], '')
     return 1
 end
 return 0
@@ -326,6 +341,6 @@ return grant()
 )
 
 ALL = (
-    ACQUIRE, EXTEND, RELEASE, RELEASE_PREFIX, FENCE_FLOOR,
+    ACQUIRE, EXTEND, RELEASE, RELEASE_PREFIX, FORCE_RELEASE, FENCE_FLOOR,
     RELEASE_HANDOFF, RELEASE_PREFIX_HANDOFF, SWEEP, PARK, ACQUIRE_QUEUED,
 )

@@ -598,3 +598,19 @@ def test_core_imports_without_celery() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_force_release_clears_a_stuck_lock_and_wakes_waiters(redis_nodes3: RedisCluster) -> None:
+    redlock = Redlock(redis_nodes3.urls, retry_delay=30, retry_jitter=0)
+    stuck = redlock.acquire("stuck", ttl=60, label="crashed-task")
+    got: list[Lock] = []
+    waiter = threading.Thread(target=lambda: got.append(redlock.acquire("stuck", ttl=5, timeout=60)))
+    waiter.start()
+    assert wait_for(lambda: _subscribers(redis_nodes3, "dlock:released:stuck") == 1)
+    holder = redlock.force_release("stuck")
+    assert holder is not None and holder["label"] == "crashed-task"
+    waiter.join(10)
+    assert got and got[0].token > stuck.token
+    assert stuck.release() is False, "the old holder's release must not touch the new lock"
+    assert got[0].release() is True
+    assert redlock.force_release("stuck") is None
