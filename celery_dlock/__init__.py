@@ -8,6 +8,7 @@ are imported on first use, so ``import celery_dlock`` never imports Celery.
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -57,8 +58,6 @@ def __getattr__(name: str) -> Any:
     module = _CELERY_NAMES.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
     value = getattr(import_module(module, __name__), name)
     globals()[name] = value
     return value

@@ -131,9 +131,7 @@ def check_redis_url(name: str, value: Any) -> tuple[str, ...]:
         raise ConfigurationError(f"{name}: expected a Redis URL or a non-empty list of them, got {value!r}")
     for url in urls:
         if not isinstance(url, str) or url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
-            raise ConfigurationError(
-                f"{name}: {url!r} is not a redis://, rediss:// or unix:// URL"
-            )
+            raise ConfigurationError(f"{name}: {url!r} is not a redis://, rediss:// or unix:// URL")
     return tuple(urls)
 
 

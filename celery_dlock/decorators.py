@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from datetime import timedelta
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar, overload
 
 from celery import Task

@@ -72,7 +72,10 @@ class LockBusy(DLockError):
         detail = detail or f"gave up after {attempts} attempt(s)"
         return cls(
             f"lock {key!r} is held{who} ({detail})",
-            key=key, attempts=attempts, holder=holder, retry_after=retry_after,
+            key=key,
+            attempts=attempts,
+            holder=holder,
+            retry_after=retry_after,
         )
 
 
@@ -119,7 +122,9 @@ class LockUnavailable(DLockError):
         message = f"lock {key!r} unavailable: {reason} after {attempts} attempt(s)"
         return cls(
             f"{message} ({detail})" if detail else message,
-            key=key, attempts=attempts, errors=errors,
+            key=key,
+            attempts=attempts,
+            errors=errors,
         )
 
 

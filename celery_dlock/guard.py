@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 from celery import current_app, states
 from celery.exceptions import Ignore
@@ -115,9 +115,7 @@ class SingleFlight:
             signature = self.signature
             if bound and signature is not None:
                 signature = signature.replace(parameters=list(signature.parameters.values())[1:])
-            spec = self._keys[(task_name, bound)] = KeySpec(
-                self.options.key, task_name=task_name, signature=signature
-            )
+            spec = self._keys[(task_name, bound)] = KeySpec(self.options.key, task_name=task_name, signature=signature)
         return spec
 
     def key_for(self, task: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
@@ -129,9 +127,7 @@ class SingleFlight:
         """Whether the guarded function takes the task as its first argument."""
         if self.bound is not None:
             return self.bound
-        return task is not None and not isinstance(
-            inspect.getattr_static(type(task), "run", None), staticmethod
-        )
+        return task is not None and not isinstance(inspect.getattr_static(type(task), "run", None), staticmethod)
 
     def policy(self, locks: AppLocks) -> Policy:
         """The options in force, resolved against the app's settings once."""
@@ -183,7 +179,7 @@ class SingleFlight:
                     count_as=_label(task, self),
                 )
         except LockBusy as busy:
-            return self._busy(task, app, request, policy, busy)  # type: ignore[no-any-return]
+            self._busy(task, app, request, policy, busy)
         except LockUnavailable as down:
             if policy.fail_mode == "open":
                 logger.warning("running %s unlocked (dlock_fail_mode=open): %s", _describe(task, task_id), down)
@@ -242,8 +238,13 @@ class SingleFlight:
         for _ in range(_PARK_ATTEMPTS):
             try:
                 return queue.acquire(
-                    key, policy.ttl, ticket=ticket, on_lost=on_lost, max_hold=policy.max_hold,
-                    label=request.id, owner_prefix=owner_prefix(request.id, request.hostname),
+                    key,
+                    policy.ttl,
+                    ticket=ticket,
+                    on_lost=on_lost,
+                    max_hold=policy.max_hold,
+                    label=request.id,
+                    owner_prefix=owner_prefix(request.id, request.hostname),
                     count_as=task.name,
                 )
             except AlreadyClaimed:
@@ -273,9 +274,7 @@ class SingleFlight:
             logger.info("coalesced into %s[%s]: %s", task.name, rider, busy)
             if not request.ignore_result and not task.ignore_result:
                 task.backend.store_result(request.id, {"coalesced_into": rider}, states.SUCCESS, request=request)
-            send_task_event(
-                app, "task-coalesced", uuid=request.id, hostname=request.hostname, key=key, into=rider
-            )
+            send_task_event(app, "task-coalesced", uuid=request.id, hostname=request.hostname, key=key, into=rider)
         else:
             logger.info("parked behind the holder of %r: %s", key, busy)
             send_task_event(app, "task-parked", uuid=request.id, hostname=request.hostname, key=key)
@@ -283,13 +282,10 @@ class SingleFlight:
 
     # -- busy policies ----------------------------------------------------------------
 
-    def _busy(self, task: Any, app: Any, request: Any, policy: Policy, busy: LockBusy) -> None:
+    def _busy(self, task: Any, app: Any, request: Any, policy: Policy, busy: LockBusy) -> NoReturn:
         if isinstance(busy, QueueFull) and policy.queue_full == "reject":
             raise busy
-        if policy.on_busy == "wait":
-            action = policy.wait_fallback
-        else:
-            action = _fallbacks.get(policy.on_busy, policy.on_busy)
+        action = policy.wait_fallback if policy.on_busy == "wait" else _fallbacks.get(policy.on_busy, policy.on_busy)
         outside_worker = request is None or request.called_directly or request.is_eager
         if action == "raise" or (action == "requeue" and outside_worker):
             raise busy
@@ -297,7 +293,7 @@ class SingleFlight:
             self._skip(task, app, request, busy, outside_worker)
         self._requeue(task, app, request, policy, busy)
 
-    def _skip(self, task: Any, app: Any, request: Any, busy: LockBusy, outside_worker: bool) -> None:
+    def _skip(self, task: Any, app: Any, request: Any, busy: LockBusy, outside_worker: bool) -> NoReturn:
         skipped = TaskSkipped.for_key(
             busy.key or "", attempts=busy.attempts, holder=busy.holder, detail="skipped (on_busy=skip)"
         )
@@ -308,12 +304,16 @@ class SingleFlight:
         if not request.ignore_result and not task.ignore_result:
             task.backend.store_result(request.id, skipped, states.FAILURE, request=request)
         send_task_event(
-            app, "task-skipped", uuid=request.id, hostname=request.hostname,
-            key=busy.key, holder=busy.holder,
+            app,
+            "task-skipped",
+            uuid=request.id,
+            hostname=request.hostname,
+            key=busy.key,
+            holder=busy.holder,
         )
         raise Ignore()
 
-    def _requeue(self, task: Any, app: Any, request: Any, policy: Policy, cause: DLockError) -> None:
+    def _requeue(self, task: Any, app: Any, request: Any, policy: Policy, cause: DLockError) -> NoReturn:
         if request is None or request.called_directly or request.is_eager:
             raise cause
         headers = dict(request.headers or {})
@@ -327,8 +327,13 @@ class SingleFlight:
         logger.info("requeued in %.2fs (%d/%d): %s", countdown, done + 1, policy.max_requeues, cause)
         locks_for(app).redlock.count(task.name, "requeued")
         send_task_event(
-            app, "task-requeued", uuid=request.id, hostname=request.hostname,
-            key=cause.key, countdown=countdown, requeues=done + 1,
+            app,
+            "task-requeued",
+            uuid=request.id,
+            hostname=request.hostname,
+            key=cause.key,
+            countdown=countdown,
+            requeues=done + 1,
         )
         raise Ignore()
 
@@ -344,8 +349,13 @@ class _LossReporter:
         if lock.count_as:
             locks_for(self.app).redlock.count(lock.count_as, "lost")
         send_task_event(
-            self.app, "task-lock-lost", uuid=self.task_id, hostname=self.hostname,
-            key=lock.key, token=lock.token, reason=str(error),
+            self.app,
+            "task-lock-lost",
+            uuid=self.task_id,
+            hostname=self.hostname,
+            key=lock.key,
+            token=lock.token,
+            reason=str(error),
         )
         hook = getattr(self.task, "on_lock_lost", None)
         if hook is not None:

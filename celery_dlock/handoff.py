@@ -115,16 +115,32 @@ class HandoffQueue:
         ttl_ms = math.ceil(ttl * 1000)
         started = time.monotonic()
         reply = self._call(
-            scripts.ACQUIRE_QUEUED, key, [self.redlock._fence_key, *self._counters(count_as)],
-            owner, ttl_ms, _metadata(label), ticket or "", ttl_ms, key, self.redlock._channel(key),
+            scripts.ACQUIRE_QUEUED,
+            key,
+            [self.redlock._fence_key, *self._counters(count_as)],
+            owner,
+            ttl_ms,
+            _metadata(label),
+            ticket or "",
+            ttl_ms,
+            key,
+            self.redlock._channel(key),
             *([count_as] if count_as else []),
         )
         outcome = reply[0]
         if outcome == 1:
             drift = ttl * self.redlock.drift_factor + 0.002
             lock = QueuedLock(
-                self.redlock, key, owner, int(reply[1]), ttl, started + ttl - drift,
-                label=label, on_lost=on_lost, max_hold=max_hold, count_as=count_as,
+                self.redlock,
+                key,
+                owner,
+                int(reply[1]),
+                ttl,
+                started + ttl - drift,
+                label=label,
+                on_lost=on_lost,
+                max_hold=max_hold,
+                count_as=count_as,
             )
             lock._queue = self  # type: ignore[attr-defined]
             self.redlock._watchdog_for_process().watch(lock, self.redlock.extend_every)
@@ -135,9 +151,7 @@ class HandoffQueue:
             busy = LockBusy.for_key(key, attempts=1, detail="handing off to a parked ticket")
             busy.handoff = Handoff(key, _text(reply[1]), reply[2])  # type: ignore[attr-defined]
             raise busy
-        raise LockBusy.for_key(
-            key, attempts=1, holder=_parse_metadata(reply[1]), retry_after=int(reply[2]) / 1000
-        )
+        raise LockBusy.for_key(key, attempts=1, holder=_parse_metadata(reply[1]), retry_after=int(reply[2]) / 1000)
 
     def park(self, key: str, ticket: str, payload: bytes, *, max_queued: int, coalesce: bool = False) -> str | None:
         """Park ``payload`` behind the holder of ``key``.
@@ -149,9 +163,7 @@ class HandoffQueue:
         Parking the same ticket twice parks it once.
         """
         _check_key(key)
-        reply = self._call(
-            scripts.PARK, key, [], ticket, payload, max_queued, key, "1" if coalesce else "0"
-        )
+        reply = self._call(scripts.PARK, key, [], ticket, payload, max_queued, key, "1" if coalesce else "0")
         if reply[0] == 0:
             return None
         if reply[0] == 2:
@@ -180,9 +192,7 @@ class HandoffQueue:
         handoffs = []
         for raw in members:
             key = _text(raw)
-            reply = self._call(
-                scripts.SWEEP, key, [], math.ceil(reserve_ttl * 1000), key, self.redlock._channel(key)
-            )
+            reply = self._call(scripts.SWEEP, key, [], math.ceil(reserve_ttl * 1000), key, self.redlock._channel(key))
             if reply[0] == 1:
                 handoffs.append(Handoff(key, _text(reply[1]), reply[2]))
         return handoffs
@@ -201,8 +211,13 @@ class HandoffQueue:
     ) -> tuple[bool, Handoff | None]:
         try:
             reply = self._call(
-                script, key, self._counters(count_as),
-                owner, self.redlock._channel(key), math.ceil(ttl * 1000), key,
+                script,
+                key,
+                self._counters(count_as),
+                owner,
+                self.redlock._channel(key),
+                math.ceil(ttl * 1000),
+                key,
                 *([count_as] if count_as else []),
             )
         except LockUnavailable:

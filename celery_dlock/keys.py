@@ -56,8 +56,7 @@ class KeySpec:
             self._callable = spec
         else:
             raise TypeError(
-                f"key: expected None, a template string or a callable for task {task_name!r}, "
-                f"got {type(spec).__name__}"
+                f"key: expected None, a template string or a callable for task {task_name!r}, got {type(spec).__name__}"
             )
 
     def __repr__(self) -> str:
@@ -80,8 +79,7 @@ class KeySpec:
         key = self._callable(*args, **kwargs)
         if not isinstance(key, str) or not key:
             raise TypeError(
-                f"key: the key callable of task {self.task_name!r} must return a non-empty str, "
-                f"got {key!r}"
+                f"key: the key callable of task {self.task_name!r} must return a non-empty str, got {key!r}"
             )
         if len(key) > MAX_KEY_LENGTH:
             head = key[:64]

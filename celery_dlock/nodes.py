@@ -14,18 +14,20 @@ delays a decision that a quorum has already made.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol, cast
 from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import AbstractConnection, ConnectionPool
+from redis.connection import ConnectionPool
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -68,12 +70,24 @@ def pack(*args: str | bytes | int) -> bytes:
     return b"".join(parts)
 
 
+class Connection(Protocol):
+    """The part of a redis-py connection this module uses, typed."""
+
+    _sock: socket.socket | None
+
+    def connect(self) -> None: ...
+    def disconnect(self) -> None: ...
+    def send_packed_command(self, command: list[bytes], check_health: bool = ...) -> None: ...
+    def can_read(self, timeout: float = ...) -> bool: ...
+    def read_response(self) -> Any: ...
+
+
 class _Link:
     """A connection of one thread to one node, and its unread reply count."""
 
     __slots__ = ("conn", "pid", "sent", "stale")
 
-    def __init__(self, conn: AbstractConnection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.pid = os.getpid()
         self.stale = 0
@@ -95,9 +109,7 @@ class Node:
         elif isinstance(spec, str):
             pool = _pool_from_url(spec)
         else:
-            raise TypeError(
-                f"nodes: expected a Redis URL or a redis.Redis client, got {type(spec).__name__}"
-            )
+            raise TypeError(f"nodes: expected a Redis URL or a redis.Redis client, got {type(spec).__name__}")
         kwargs = dict(pool.connection_kwargs)
         kwargs.update(
             socket_timeout=socket_timeout,
@@ -134,9 +146,9 @@ class Node:
             host = "127.0.0.1"
         return (host, str(kw.get("port", 6379)))
 
-    def new_connection(self, *, handshake: bool = True) -> AbstractConnection:
+    def new_connection(self, *, handshake: bool = True) -> Connection:
         """A connection of our own to this node, connected unless ``handshake`` is false."""
-        conn: AbstractConnection = self._connection_class(**self._connection_kwargs)
+        conn = cast(Connection, self._connection_class(**self._connection_kwargs))
         if handshake:
             conn.connect()
         return conn
@@ -174,10 +186,8 @@ class Node:
                 while link.stale:
                     if not block and not conn.can_read(0):
                         return NO_REPLY
-                    try:
+                    with contextlib.suppress(ResponseError):  # a stale reply's error is not ours
                         conn.read_response()
-                    except ResponseError:
-                        pass
                     link.stale -= 1
                 if not block and not conn.can_read(0):
                     return NO_REPLY
@@ -235,7 +245,7 @@ class Node:
         self._cooldown = 0.0
         return link
 
-    def _load_scripts(self, conn: AbstractConnection) -> None:
+    def _load_scripts(self, conn: Connection) -> None:
         conn.send_packed_command(
             [b"".join(pack("SCRIPT", "LOAD", script.source) for script in scripts.ALL)],
             check_health=False,

@@ -61,7 +61,7 @@ class SingleFlightOptions:
     #: out, or a period in seconds (or a timedelta) to the end of the current
     #: slot of that length.  Duplicates of one run then run once; with no
     #: ``on_busy`` given they are skipped.
-    hold: float | bool | None = None
+    hold: float | bool | timedelta | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.hold, timedelta):
@@ -82,8 +82,7 @@ class SingleFlightOptions:
             return cls()
         if not isinstance(value, Mapping):
             raise TypeError(
-                f"single_flight: expected a dict of options for task {task_name!r}, "
-                f"got {type(value).__name__}"
+                f"single_flight: expected a dict of options for task {task_name!r}, got {type(value).__name__}"
             )
         known = {field.name for field in fields(cls)}
         unknown = set(value) - known
@@ -99,6 +98,7 @@ class SingleFlightOptions:
 
     def resolve(self, settings: Settings) -> Policy:
         """Fill every unset option from the app's settings."""
+
         def pick(name: str) -> Any:
             value = getattr(self, name)
             return getattr(settings, name) if value is None else value
@@ -116,7 +116,7 @@ class SingleFlightOptions:
             max_hold=self.max_hold,
             max_queued=pick("max_queued"),
             queue_full=pick("queue_full"),
-            hold=self.hold,
+            hold=self.hold,  # type: ignore[arg-type]  # a timedelta became seconds in __post_init__
         )
         if policy.requeue_max_delay < policy.requeue_delay:
             policy = replace(policy, requeue_max_delay=policy.requeue_delay)

@@ -252,6 +252,7 @@ class Redlock:
       as long as the lease;
     * ``dlock:fence``: the node's fencing counter, which never expires;
     * channel ``dlock:released:<key>``: published on each release.
+
     """
 
     DEFAULT_RETRY_COUNT: ClassVar[int] = 10
@@ -368,8 +369,16 @@ class Redlock:
                 if isinstance(outcome, tuple):
                     token, valid_until = outcome
                     lock = Lock(
-                        self, key, owner, token, ttl, valid_until,
-                        label=label, on_lost=on_lost, max_hold=max_hold, count_as=count_as,
+                        self,
+                        key,
+                        owner,
+                        token,
+                        ttl,
+                        valid_until,
+                        label=label,
+                        on_lost=on_lost,
+                        max_hold=max_hold,
+                        count_as=count_as,
                     )
                     if auto_extend:
                         self._watchdog_for_process().watch(lock, self.extend_every)
@@ -417,8 +426,14 @@ class Redlock:
         as for :meth:`acquire`, except that auto-extension is on by default.
         """
         held = self.acquire(
-            key, ttl, blocking=blocking, timeout=timeout, auto_extend=auto_extend,
-            on_lost=on_lost, max_hold=max_hold, label=label,
+            key,
+            ttl,
+            blocking=blocking,
+            timeout=timeout,
+            auto_extend=auto_extend,
+            on_lost=on_lost,
+            max_hold=max_hold,
+            label=label,
         )
         try:
             yield held
@@ -436,8 +451,12 @@ class Redlock:
         if not isinstance(owner_prefix, str) or not owner_prefix:
             raise ValueError("owner_prefix: must be a non-empty str")
         command = pack(
-            "EVALSHA", scripts.RELEASE_PREFIX.sha, 1,
-            self._lock_key(key), owner_prefix, self._channel(key),
+            "EVALSHA",
+            scripts.RELEASE_PREFIX.sha,
+            1,
+            self._lock_key(key),
+            owner_prefix,
+            self._channel(key),
         )
         replies = self._broadcast(command, granted=lambda r: r == 1)
         return sum(1 for r in replies if r == 1) >= self.quorum
@@ -470,7 +489,7 @@ class Redlock:
                 continue
             if not reply:
                 return None
-            fields = dict(zip(reply[::2], reply[1::2]))
+            fields = dict(zip(reply[::2], reply[1::2], strict=True))
             holder = _parse_metadata(fields.get(b"meta")) or {}
             holder["token"] = int(fields.get(b"token", 0))
             return holder
@@ -496,7 +515,7 @@ class Redlock:
             if isinstance(reply, BaseException):
                 continue
             counters: dict[str, dict[str, int]] = {}
-            for field, value in zip(reply[::2], reply[1::2]):
+            for field, value in zip(reply[::2], reply[1::2], strict=True):
                 label, _, event = field.decode().rpartition(":")
                 counters.setdefault(label, {})[event] = int(value)
             return counters
@@ -517,13 +536,27 @@ class Redlock:
         started = time.monotonic()
         if count_as is None:
             command = pack(
-                "EVALSHA", scripts.ACQUIRE.sha, 2,
-                self._lock_key(key), self._fence_key, owner, ttl_ms, meta,
+                "EVALSHA",
+                scripts.ACQUIRE.sha,
+                2,
+                self._lock_key(key),
+                self._fence_key,
+                owner,
+                ttl_ms,
+                meta,
             )
         else:
             command = pack(
-                "EVALSHA", scripts.ACQUIRE.sha, 3,
-                self._lock_key(key), self._fence_key, self._stats_key, owner, ttl_ms, meta, count_as,
+                "EVALSHA",
+                scripts.ACQUIRE.sha,
+                3,
+                self._lock_key(key),
+                self._fence_key,
+                self._stats_key,
+                owner,
+                ttl_ms,
+                meta,
+                count_as,
             )
         replies = self._broadcast(command, granted=_is_granted)
         tokens = {i: int(r[1]) for i, r in enumerate(replies) if _is_granted(r)}
@@ -541,7 +574,7 @@ class Redlock:
             return LockUnavailable.for_key(key, attempts=attempt, errors=self._errors(replies), reason=reason)
 
         busy = [r for r in replies if _is_refused(r)]
-        maybe_ours = [node for node, r in zip(self.nodes, replies) if not _is_refused(r)]
+        maybe_ours = [node for node, r in zip(self.nodes, replies, strict=True) if not _is_refused(r)]
         if maybe_ours:
             self._release(key, owner, maybe_ours)
         if len(tokens) + len(busy) < self.quorum:
@@ -583,7 +616,9 @@ class Redlock:
             return valid_until
         if sum(1 for r in replies if r == 0) > len(self.nodes) - self.quorum:
             raise LockLost(f"lock {key!r} is no longer ours on a quorum of nodes", key=key)
-        raise LockUnavailable.for_key(key, attempts=1, errors=self._errors(replies), reason="could not extend on a quorum")
+        raise LockUnavailable.for_key(
+            key, attempts=1, errors=self._errors(replies), reason="could not extend on a quorum"
+        )
 
     def _release(
         self, key: str, owner: str, nodes: Sequence[Node] | None = None, *, count_as: str | None = None
@@ -598,8 +633,14 @@ class Redlock:
             command = pack("EVALSHA", scripts.RELEASE.sha, 1, self._lock_key(key), owner, self._channel(key))
         else:
             command = pack(
-                "EVALSHA", scripts.RELEASE.sha, 2,
-                self._lock_key(key), self._stats_key, owner, self._channel(key), count_as,
+                "EVALSHA",
+                scripts.RELEASE.sha,
+                2,
+                self._lock_key(key),
+                self._stats_key,
+                owner,
+                self._channel(key),
+                count_as,
             )
         if nodes is not None:
             fan_out([(node, command) for node in nodes], decided=lambda r: True, timeout=0)
@@ -636,7 +677,7 @@ class Redlock:
     def _errors(self, replies: list[Reply]) -> list[tuple[str, BaseException]]:
         return [
             (node.name, reply)
-            for node, reply in zip(self.nodes, replies)
+            for node, reply in zip(self.nodes, replies, strict=True)
             if isinstance(reply, BaseException)
         ]
 

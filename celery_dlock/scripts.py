@@ -80,7 +80,8 @@ end
 #          when another owner holds it
 ACQUIRE = Script(
     "acquire",
-    _counter(3, 4) + """
+    _counter(3, 4)
+    + """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
     local token = redis.call('INCR', KEYS[2])
@@ -120,7 +121,8 @@ return 0
 # return   1 when the lock was ours and is now deleted, 0 otherwise
 RELEASE = Script(
     "release",
-    _counter(2, 3) + """
+    _counter(2, 3)
+    + """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
     redis.call('DEL', KEYS[1])
     redis.call('PUBLISH', ARGV[2], '')
@@ -215,7 +217,9 @@ end
 # return  {0} when the lock is not ours, else what hand_off returns
 RELEASE_HANDOFF = Script(
     "release_handoff",
-    _HAND_OFF + _counter(5, 5) + """
+    _HAND_OFF
+    + _counter(5, 5)
+    + """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
     return {0}
 end
@@ -228,7 +232,8 @@ return hand_off(ARGV[3], ARGV[4], ARGV[2])
 # main process frees a dead pool process's lock this way.
 RELEASE_PREFIX_HANDOFF = Script(
     "release_prefix_handoff",
-    _HAND_OFF + """
+    _HAND_OFF
+    + """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner or string.sub(owner, 1, string.len(ARGV[1])) ~= ARGV[1] then
     return {0}
@@ -242,7 +247,8 @@ return hand_off(ARGV[3], ARGV[4], ARGV[2])
 # return  {0} when the lock is held or the queue is empty, else {1, ticket, payload}
 SWEEP = Script(
     "sweep",
-    _HAND_OFF + """
+    _HAND_OFF
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
     return {0}
 end
@@ -298,7 +304,9 @@ return {1, ARGV[1]}
 #           it is now reserved for the oldest, which the caller must hand off
 ACQUIRE_QUEUED = Script(
     "acquire_queued",
-    _HAND_OFF + _counter(6, 8) + """
+    _HAND_OFF
+    + _counter(6, 8)
+    + """
 local function grant()
     count('acquired')
     local token = redis.call('INCR', KEYS[5])
@@ -341,6 +349,15 @@ return grant()
 )
 
 ALL = (
-    ACQUIRE, EXTEND, RELEASE, RELEASE_PREFIX, FORCE_RELEASE, FENCE_FLOOR,
-    RELEASE_HANDOFF, RELEASE_PREFIX_HANDOFF, SWEEP, PARK, ACQUIRE_QUEUED,
+    ACQUIRE,
+    EXTEND,
+    RELEASE,
+    RELEASE_PREFIX,
+    FORCE_RELEASE,
+    FENCE_FLOOR,
+    RELEASE_HANDOFF,
+    RELEASE_PREFIX_HANDOFF,
+    SWEEP,
+    PARK,
+    ACQUIRE_QUEUED,
 )

@@ -142,8 +142,14 @@ def _visibility_timeout(app: Any) -> float | None:
     return float(options.get("visibility_timeout", 3600))
 
 
-def _on_task_failure(sender: Any = None, task_id: str | None = None, exception: Any = None,
-                     args: Any = None, kwargs: Any = None, **_: Any) -> None:
+def _on_task_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: Any = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
     # These two are reported by the main process after the pool process died.
     if not isinstance(exception, (WorkerLostError, TimeLimitExceeded)) or task_id is None:
         return
@@ -155,8 +161,9 @@ def _on_task_failure(sender: Any = None, task_id: str | None = None, exception: 
         logger.info("released the lock of %s[%s] after %r", sender.name, task_id, exception)
 
 
-def _on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
-                     signum: Any = None, **_: Any) -> None:
+def _on_task_revoked(
+    sender: Any = None, request: Any = None, terminated: bool = False, signum: Any = None, **_: Any
+) -> None:
     if not terminated or request is None or signum not in _FATAL_SIGNALS:
         return
     guard = guard_of(sender)
@@ -175,7 +182,7 @@ def _on_worker_process_shutdown(**_: Any) -> None:
 
 
 def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
-    from celery.worker import state  # the main process's view of running tasks
+    from celery.worker import state  # noqa: PLC0415 - the worker's own module, only in a worker
 
     for request in list(state.active_requests):
         task = request.task

@@ -48,16 +48,14 @@ class SingleFlightTask(Task):  # type: ignore[misc]
         raw = inspect.getattr_static(cls, "run")
         original = getattr(raw, "_dlock_original", raw)
         if getattr(_unwrap(original), "_dlock_guard", None) is not None:
-            raise TypeError(
-                f"task {cls.__name__}: both @single_flight and single_flight= are given; use one"
-            )
+            raise TypeError(f"task {cls.__name__}: both @single_flight and single_flight= are given; use one")
         options = SingleFlightOptions.coerce(cls.single_flight, task_name=cls.__name__)
         cls.single_flight = options
         bound = not isinstance(original, staticmethod)
         function = _unwrap(original)
         guard = SingleFlight(options, function, bound=bound)
-        cls.run = _guarded_method(guard, function, bound)  # type: ignore[method-assign]
-        cls.run._dlock_original = original  # type: ignore[attr-defined]
+        cls.run = _guarded_method(guard, function, bound)
+        cls.run._dlock_original = original
         connect_signals()
 
     @property
@@ -81,6 +79,7 @@ class SingleFlightTask(Task):  # type: ignore[misc]
                 when the nodes could not be reached before it ran out.
 
         The return value is ignored.
+
         """
 
 
