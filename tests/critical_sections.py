@@ -10,6 +10,7 @@ different processes can be compared exactly.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def overlaps(sections: Sequence[Section]) -> list[tuple[Section, Section]]:
         by_key.setdefault(section.key, []).append(section)
     for group in by_key.values():
         group.sort(key=lambda s: s.enter)
-        for before, after in zip(group, group[1:]):
+        for before, after in itertools.pairwise(group):
             if after.enter < before.exit:
                 found.append((before, after))
     return found

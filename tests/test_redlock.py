@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import subprocess
@@ -364,7 +365,7 @@ def test_tokens_increase_when_successive_quorums_differ(redis_nodes) -> None:
     with redlock.lock("fenced", ttl=5, auto_extend=False) as lock:  # quorum {a, b, d, e}
         tokens.append(lock.token)
 
-    assert all(earlier < later for earlier, later in zip(tokens, tokens[1:])), tokens
+    assert all(earlier < later for earlier, later in itertools.pairwise(tokens)), tokens
 
 
 # -- auto-extension ------------------------------------------------------------------
@@ -532,9 +533,8 @@ def test_bad_ttl(redis_node1: RedisCluster, ttl, error) -> None:
     redlock = Redlock(redis_node1.urls)
     with pytest.raises(error, match="ttl"):
         redlock.acquire("k", ttl=ttl)
-    with pytest.raises(error, match="ttl"):
-        with redlock.lock("k", ttl=ttl):
-            pass
+    with pytest.raises(error, match="ttl"), redlock.lock("k", ttl=ttl):
+        pass
 
 
 @pytest.mark.parametrize(

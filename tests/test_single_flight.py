@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis
@@ -101,7 +101,7 @@ def define(app: Celery, recorder: redis.Redis) -> SimpleNamespace:
 
     class Sync(SingleFlightTask):
         name = "tests.sync"
-        single_flight = {"key": "sync:{account_id}", "on_busy": "wait"}
+        single_flight: ClassVar[dict[str, str]] = {"key": "sync:{account_id}", "on_busy": "wait"}
 
         def run(self, account_id: int) -> int:
             with section(recorder, f"sync:{account_id}"):
@@ -364,9 +364,11 @@ def test_fail_closed_never_runs_unlocked(celery_app, recorder) -> None:
         recorder.incr("down-ran")
         return "ran"
 
-    with start_worker(celery_app, pool="threads", concurrency=2, perform_ping_check=False):
-        with pytest.raises(LockUnavailable, match="max_requeues=2"):
-            guarded.delay(1).get(timeout=20)
+    with (
+        start_worker(celery_app, pool="threads", concurrency=2, perform_ping_check=False),
+        pytest.raises(LockUnavailable, match="max_requeues=2"),
+    ):
+        guarded.delay(1).get(timeout=20)
     assert recorder.get("down-ran") is None
 
 
@@ -419,9 +421,11 @@ def test_worker_refuses_to_start_on_a_bad_setting(celery_app, conf, fragment) ->
     @single_flight(key="cfg:{n}")
     def guarded(n: int) -> None: ...
 
-    with pytest.raises(ConfigurationError, match=fragment):
-        with start_worker(celery_app, pool="threads", concurrency=1, perform_ping_check=False):
-            pass
+    with (
+        pytest.raises(ConfigurationError, match=fragment),
+        start_worker(celery_app, pool="threads", concurrency=1, perform_ping_check=False),
+    ):
+        pass
 
 
 # -- hold: keep the lock after the body, so duplicates of one run run once ------------------------
@@ -479,9 +483,11 @@ def test_hold_releases_when_the_body_fails(celery_app, lock_server) -> None:
     def tick() -> None:
         raise RuntimeError("failed run")
 
-    with start_worker(celery_app, pool="threads", concurrency=2, perform_ping_check=False):
-        with pytest.raises(RuntimeError):
-            tick.delay().get(timeout=10)
+    with (
+        start_worker(celery_app, pool="threads", concurrency=2, perform_ping_check=False),
+        pytest.raises(RuntimeError),
+    ):
+        tick.delay().get(timeout=10)
     assert not lock_server.client().exists("dlock:lock:held-fail")
 
 
@@ -493,3 +499,56 @@ def test_counters_are_kept_per_task_in_redis(tasks, celery_worker, lock_server) 
     assert tasks.skipper.delay(9).get(timeout=10) == "ran"
     stats = Redlock(lock_server.url).stats()[tasks.skipper.name]
     assert stats == {"busy": 1, "skipped": 1, "acquired": 1, "released": 1}
+
+
+# -- events reach a real event receiver ---------------------------------------------------------
+
+
+def test_plugin_events_reach_an_event_receiver(tasks, celery_app, celery_worker, lock_server) -> None:
+    import threading
+
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    class Receiver(celery_app.events.Receiver):  # type: ignore[name-defined,misc]
+        def on_consume_ready(self, *args: Any, **kwargs: Any) -> None:
+            super().on_consume_ready(*args, **kwargs)
+            ready.set()
+
+    connection = celery_app.connection_for_read()
+    receiver = Receiver(connection, handlers={"*": seen.append})
+
+    def receive() -> None:
+        with contextlib.suppress(OSError):
+            for _ in receiver.consume(limit=None, timeout=None, safety_interval=0.2):
+                pass
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+
+    holder = hold_externally(lock_server, "skip:77")
+    skipped = tasks.skipper.delay(77)
+    with pytest.raises(TaskSkipped):
+        skipped.get(timeout=10)
+    requeued = tasks.charge.delay(77)
+    holder.release()
+    hold = hold_externally(lock_server, "acct:77")
+    requeued2 = tasks.charge.delay(77)
+    assert wait_for(lambda: any(e["type"] == "task-requeued" and e["uuid"] == requeued2.id for e in seen))
+    hold.release()
+    requeued.get(timeout=20)
+    requeued2.get(timeout=20)
+    lost = tasks.losing.delay(3, lock_server.url)
+    assert lost.get(timeout=20)[0] == "lost"
+
+    def has(type_: str, uuid: str) -> bool:
+        return any(e["type"] == type_ and e.get("uuid") == uuid for e in seen)
+
+    assert wait_for(lambda: has("task-skipped", skipped.id) and has("task-lock-lost", lost.id))
+    assert has("task-lock-acquired", requeued.id)
+    skipped_event = next(e for e in seen if e["type"] == "task-skipped")
+    assert skipped_event["key"] == "skip:77"
+    receiver.should_stop = True
+    thread.join(5)
+    connection.release()
