@@ -4,9 +4,15 @@ A fault point does nothing unless its name is listed in the environment
 variable ``DLOCK_FAULT_POINTS`` (comma-separated) when this module is first
 imported; then the process kills itself there with ``SIGKILL``, as a crash at
 exactly that moment would.  Tests use it where a sleep could only make the
-timing likely: for instance ``before-handoff-publish`` dies after a release
-has reserved the key for the next parked message, before that message is
-published.
+timing likely.  The points:
+
+* ``after-acquire``: a lock was just granted, before the caller has it;
+* ``mid-extend``: the nodes renewed a lease, the holder has not seen it yet;
+* ``before-release``: a holder is about to release;
+* ``before-handoff-publish``: a release has reserved the key for the next
+  parked message, which is not yet published.
+
+Checking a point that is off costs one set lookup.
 """
 
 from __future__ import annotations

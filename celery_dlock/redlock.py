@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from . import scripts
 from .errors import DLockError, LockBusy, LockLost, LockUnavailable
+from .faults import fault_point
 from .nodes import NO_REPLY, Node, Reply, fan_out, pack
 from .watchdog import Watchdog, default_watchdog
 
@@ -174,6 +175,7 @@ class Lock:
             if time.monotonic() >= self._valid_until:
                 self._lost = True
             self._released = True
+            fault_point("before-release")
             return self._release_io()
 
     unlock = release
@@ -208,7 +210,9 @@ class Lock:
             if self.lost:
                 raise LockLost(f"lock {self.key!r} lapsed before it was extended", key=self.key)
             ttl = self.ttl if ttl is None else _check_ttl(ttl)
-            self._valid_until = self._redlock._extend(self.key, self._owner, ttl)
+            valid_until = self._redlock._extend(self.key, self._owner, ttl)
+            fault_point("mid-extend")  # the nodes renewed; this process has not yet seen it
+            self._valid_until = valid_until
             self.ttl = ttl
             self.extensions += 1
 
@@ -382,6 +386,7 @@ class Redlock:
                     )
                     if auto_extend:
                         self._watchdog_for_process().watch(lock, self.extend_every)
+                    fault_point("after-acquire")
                     return lock
                 now = time.monotonic()
                 out_of_time = now >= deadline if deadline is not None else attempts > self.retry_count
