@@ -285,6 +285,13 @@ class SingleFlight:
     def _busy(self, task: Any, app: Any, request: Any, policy: Policy, busy: LockBusy) -> NoReturn:
         if isinstance(busy, QueueFull) and policy.queue_full == "reject":
             raise busy
+        if request is not None and request.id and busy.holder and busy.holder.get("label") == request.id:
+            # Another copy of this very task holds the key: a redelivery, a
+            # retry sent before that run released, or a message requeued after
+            # its worker died.  Skipping or failing it would overwrite the
+            # result of a run that may still succeed, or lose the task; it
+            # waits its turn instead.
+            self._requeue(task, app, request, policy, busy)
         action = policy.wait_fallback if policy.on_busy == "wait" else _fallbacks.get(policy.on_busy, policy.on_busy)
         outside_worker = request is None or request.called_directly or request.is_eager
         if action == "raise" or (action == "requeue" and outside_worker):

@@ -1,11 +1,12 @@
 """Celery signal hooks: release on the paths where the body's ``finally`` cannot.
 
 A body's own ``try``/``finally`` releases its lock on success, failure,
-``retry()``, ``Ignore``, ``Reject`` and soft time limits.  When the pool
-process dies instead (a hard time limit, ``revoke(terminate=True)``, a
-``WorkerLostError``, a cold shutdown), nothing runs in it; the worker's main
-process then frees the dead run's lock by its owner prefix (task id and worker
-name), which only that run can have.  If even the main process dies, the
+``retry()``, ``Ignore``, ``Reject``, soft time limits and
+``revoke(terminate=True)`` with SIGTERM (which the pool process turns into an
+exception).  When the pool process dies instead (a hard time limit,
+``revoke(terminate=True, signal="SIGKILL")``, a ``WorkerLostError``), nothing
+runs in it; the worker's main process then frees the dead run's lock by its
+owner prefix (task id and worker name), which only that run can have.  If even the main process dies, the
 lease ends within one ttl, since no watchdog renews it any more.
 
 The hooks are connected once per process, when the first single-flight task
@@ -33,8 +34,10 @@ __all__ = ["connect_signals"]
 
 logger = logging.getLogger(__name__)
 
-#: Signals that end a pool process, as ``revoke(terminate=True, signal=...)`` sends.
-_FATAL_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT})
+#: The one signal after which a terminated body cannot still be running its
+#: ``finally``: billiard turns SIGTERM and SIGQUIT into exceptions in the pool
+#: process, which release the lock themselves once the body has unwound.
+_FATAL_SIGNALS: Final = frozenset({signal.SIGKILL})
 
 _connected = False
 _connect_lock = threading.Lock()
