@@ -1,0 +1,565 @@
+"""Single-flight tasks under real ``celery worker -P prefork`` subprocesses.
+
+Each test talks to real workers (:mod:`celery_workers`) running the tasks of
+:mod:`worker_app` against real redis-server processes: one for the broker,
+results and the recorder (database 1), one for the locks.  Effects are read
+back from Redis: the sections the bodies recorded, the lock hashes at
+``dlock:lock:<key>``, and the task results.  Every wait is a bounded poll.
+
+Most tests share one worker (concurrency 4) and use a key of their own; the
+ones that stop, kill or reconfigure a worker start their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery, states
+from celery.result import AsyncResult
+from celery_workers import CeleryWorker, wait_until
+from critical_sections import Section, overlaps, read_sections, tokens_rise_in_order
+from redis_servers import HOST, RedisServer, free_port
+
+from celery_dlock import LockBusy, LockUnavailable, Redlock
+
+pytestmark = [pytest.mark.worker, pytest.mark.timeout(120)]
+
+KEY_PREFIX = "dlock:"
+
+
+def new_key(label: str) -> str:
+    return f"{label}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Stack:
+    """A broker (with results and the recorder) and lock nodes, and the workers on them."""
+
+    broker: RedisServer
+    lock_urls: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    workers: list[CeleryWorker] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.app = Celery("dlock-test-client", broker=self.broker.url, backend=self.broker.url, set_as_current=False)
+        self.app.conf.broker_connection_retry_on_startup = True
+        self.recorder = redis.Redis.from_url(self.recorder_url)
+        self.locks = redis.Redis.from_url(self.lock_urls[0], socket_timeout=1, socket_connect_timeout=1)
+
+    @property
+    def recorder_url(self) -> str:
+        return f"redis://{HOST}:{self.broker.port}/1"
+
+    def worker(self, **options: Any) -> CeleryWorker:
+        """Start a worker on this stack; it is stopped when the stack closes."""
+        options.setdefault("env", self.env)
+        worker = CeleryWorker(
+            broker_url=self.broker.url, lock_urls=self.lock_urls, recorder_url=self.recorder_url, **options
+        )
+        self.workers.append(worker)
+        return worker.start()
+
+    def close(self) -> None:
+        for worker in self.workers:  # warm shutdowns in parallel
+            worker.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.close()
+        self.app.close()
+        self.recorder.close()
+        self.locks.close()
+
+    # -- sending and reading back ---------------------------------------------------
+
+    def send(self, name: str, *args: Any, **options: Any) -> AsyncResult:
+        return self.app.send_task(name, args=args, **options)
+
+    def runs(self, *, key: str | None = None, task_id: str | None = None) -> list[dict[str, Any]]:
+        found = [json.loads(raw) for raw in self.recorder.lrange("runs", 0, -1)]
+        return [
+            run for run in found
+            if (key is None or run["key"] == key) and (task_id is None or run["id"] == task_id)
+        ]  # fmt: skip
+
+    def events(self, task_id: str) -> list[dict[str, Any]]:
+        found = [json.loads(raw) for raw in self.recorder.lrange("events", 0, -1)]
+        return [event for event in found if event["id"] == task_id]
+
+    def sections(self, key: str) -> list[Section]:
+        return [section for section in read_sections(self.recorder) if section.key == key]
+
+    def counter(self, key: str) -> int:
+        return int(self.recorder.get(f"counter:{key}") or 0)
+
+    def wait_run(self, task_id: str, count: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """Wait until the body of ``task_id`` has started ``count`` times."""
+        return wait_until(
+            lambda: runs if len(runs := self.runs(task_id=task_id)) >= count else None,
+            timeout,
+            message=lambda: f"{count} run(s) of {task_id}; have {self.runs(task_id=task_id)}\n{self.logs()}",
+        )
+
+    def lock_exists(self, key: str) -> bool:
+        return bool(self.locks.exists(f"{KEY_PREFIX}lock:{key}"))
+
+    def lock_pttl(self, key: str) -> int:
+        return int(self.locks.pttl(f"{KEY_PREFIX}lock:{key}"))
+
+    def lock_token(self, key: str) -> int | None:
+        token = self.locks.hget(f"{KEY_PREFIX}lock:{key}", "token")
+        return None if token is None else int(token)
+
+    def wait_lock_gone(self, key: str, timeout: float, since: float | None = None) -> float:
+        """Wait until the lock hash of ``key`` is gone; seconds since ``since`` (or now)."""
+        start = time.monotonic() if since is None else since
+        wait_until(lambda: not self.lock_exists(key), timeout, interval=0.01,
+                   message=lambda: f"lock {key!r} to disappear\n{self.logs()}")  # fmt: skip
+        return time.monotonic() - start
+
+    def result(self, async_result: AsyncResult, timeout: float = 20.0) -> AsyncResult:
+        """Wait until ``async_result`` is ready (whatever its outcome)."""
+        async_result.get(timeout=timeout, propagate=False)
+        return async_result
+
+    def logs(self, lines: int = 30) -> str:
+        return "\n".join(f"--- {w.base_name} ---\n{w.log_tail(lines)}" for w in self.workers)
+
+
+@contextmanager
+def _stacks() -> Iterator[Callable[..., Stack]]:
+    """A factory of stacks (a fresh broker; fresh lock nodes unless given), closed on exit."""
+    stacks: list[Stack] = []
+    servers: list[RedisServer] = []
+
+    def make(lock_urls: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Stack:
+        broker = RedisServer().start()
+        servers.append(broker)
+        if lock_urls is None:
+            lock_server = RedisServer().start()
+            servers.append(lock_server)
+            lock_urls = [lock_server.url]
+        stack = Stack(broker, list(lock_urls), dict(env or {}))
+        stacks.append(stack)
+        return stack
+
+    try:
+        yield make
+    finally:
+        for stack in stacks:
+            stack.close()
+        for server in servers:
+            server.close()
+
+
+@pytest.fixture(scope="module")
+def make_stack() -> Iterator[Callable[..., Stack]]:
+    """Stacks that live as long as this module's tests."""
+    with _stacks() as make:
+        yield make
+
+
+@pytest.fixture
+def stack_factory() -> Iterator[Callable[..., Stack]]:
+    """Stacks torn down at the end of the test."""
+    with _stacks() as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def shared(make_stack: Callable[..., Stack]) -> Stack:
+    """One stack with one prefork worker (concurrency 4), shared by most tests."""
+    stack = make_stack()
+    stack.worker(concurrency=4)
+    return stack
+
+
+def assert_next_task_runs(stack: Stack, key: str, *, after_token: int, timeout: float = 15.0) -> int:
+    """A following task on ``key`` runs, holding a larger token; returns the token."""
+    started = time.monotonic()
+    result = stack.result(stack.send("wa.wait_section", key, 0.01), timeout)
+    assert result.state == states.SUCCESS, (result.state, result.result, stack.logs())
+    assert result.result > after_token
+    assert time.monotonic() - started < timeout
+    assert not stack.lock_exists(key)
+    return int(result.result)
+
+
+# -- mutual exclusion ----------------------------------------------------------------------
+
+
+def test_no_overlap_under_a_prefork_worker(shared: Stack) -> None:
+    key = new_key("wait")
+    sent = [shared.send("wa.wait_section", key, 0.02) for _ in range(20)]
+    results = [shared.result(r, timeout=60) for r in sent]
+
+    assert [r.state for r in results] == [states.SUCCESS] * 20, shared.logs()
+    runs = shared.runs(key=key)
+    assert Counter(run["id"] for run in runs) == Counter({r.id: 1 for r in sent})  # each ran exactly once
+    assert len({run["pid"] for run in runs}) > 1  # more than one pool process took part
+    sections = shared.sections(key)
+    assert len(sections) == 20
+    assert overlaps(sections) == []
+    assert tokens_rise_in_order(sections)
+    assert sorted(r.result for r in results) == sorted(s.token for s in sections)
+    assert shared.counter(key) == 20  # no lost read-modify-write update
+    assert not shared.lock_exists(key)
+
+
+def test_two_worker_processes_share_the_queue(shared: Stack) -> None:
+    first = shared.workers[0]
+    second = shared.worker(concurrency=4)
+    try:
+        key = new_key("two")
+        sent = [shared.send("wa.requeue_section", key, 0.02) for _ in range(24)]
+        results = [shared.result(r, timeout=60) for r in sent]
+    finally:
+        code = second.stop()  # the other tests expect the shared worker alone
+
+    assert [r.state for r in results] == [states.SUCCESS] * 24, shared.logs()
+    runs = shared.runs(key=key)
+    assert Counter(run["id"] for run in runs) == Counter({r.id: 1 for r in sent})
+    assert {run["hostname"] for run in runs} == {first.hostname, second.hostname}
+    sections = shared.sections(key)
+    assert len(sections) == 24
+    assert overlaps(sections) == []
+    assert tokens_rise_in_order(sections)
+    assert shared.counter(key) == 24
+    assert not shared.lock_exists(key)
+    assert code == 0
+    assert second.group_pids() == []
+
+
+# -- a dead pool process: the main process frees the lock --------------------------------------
+
+
+def _start_holder(stack: Stack, name: str, key: str, *args: Any) -> tuple[AsyncResult, dict[str, Any]]:
+    result = stack.send(name, key, *args)
+    (run,) = stack.wait_run(result.id)
+    assert stack.lock_exists(key)
+    assert stack.lock_token(key) == run["token"]
+    return result, run
+
+
+def test_kill_9_of_the_pool_process_frees_the_lock(shared: Stack) -> None:
+    worker = shared.workers[0]
+    key = new_key("kill9")
+    result, run = _start_holder(shared, "wa.hold", key)
+    assert run["pid"] in worker.pool_pids()
+    assert shared.lock_pttl(key) > 20_000  # ttl=30: expiry cannot be what frees it
+
+    killed_at = time.monotonic()
+    os.kill(run["pid"], signal.SIGKILL)
+    elapsed = shared.wait_lock_gone(key, timeout=10, since=killed_at)
+
+    assert elapsed < 10
+    shared.result(result)
+    assert result.state == states.FAILURE
+    assert type(result.result).__name__ == "WorkerLostError"
+    wait_until(lambda: run["pid"] not in worker.pool_pids(), 10, message="the killed process to be reaped")
+    assert len(shared.sections(key)) == 0  # the body never finished
+    assert_next_task_runs(shared, key, after_token=run["token"])
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
+def test_revoke_terminate_frees_the_lock(shared: Stack, signame: str) -> None:
+    worker = shared.workers[0]
+    key = new_key(f"revoke-{signame}")
+    result, run = _start_holder(shared, "wa.hold", key)
+
+    revoked_at = time.monotonic()
+    shared.app.control.revoke(result.id, terminate=True, signal=signame)
+    elapsed = shared.wait_lock_gone(key, timeout=10, since=revoked_at)
+
+    assert elapsed < 10
+    wait_until(lambda: run["pid"] not in worker.pool_pids(), 10, message="the terminated process to exit")
+    shared.result(result)
+    assert result.state == states.REVOKED
+    sections = shared.sections(key)
+    if signame == "SIGTERM":
+        # billiard turns SIGTERM into SystemExit in a pool process, so the
+        # body's finally ran (and released) as well as the main process's hook.
+        assert len(sections) == 1
+    else:
+        # Nothing ran in the killed process: the main process's hook freed it.
+        assert sections == []
+    assert_next_task_runs(shared, key, after_token=run["token"])
+
+
+def test_revoke_sigterm_waits_for_the_body_to_finish(shared: Stack) -> None:
+    worker = shared.workers[0]
+    key = new_key("revoke-cleanup")
+    result, _run = _start_holder(shared, "wa.slow_cleanup", key)  # its finally sleeps 1.5 s
+
+    shared.app.control.revoke(result.id, terminate=True, signal="SIGTERM")
+    worker.wait_for_log(rf"Terminating {result.id}")
+    following = shared.result(shared.send("wa.wait_section", key, 0.01), timeout=15)
+    wait_until(lambda: len(shared.sections(key)) == 2, 10, message="both sections to end")
+
+    assert following.state == states.SUCCESS
+    assert overlaps(shared.sections(key)) == []
+
+
+def test_hard_time_limit_frees_the_lock(shared: Stack) -> None:
+    worker = shared.workers[0]
+    key = new_key("hard")
+    result, run = _start_holder(shared, "wa.hard_limited", key)  # time_limit=2; ignores SIGTERM
+    started = time.monotonic()
+
+    elapsed = shared.wait_lock_gone(key, timeout=10, since=started)
+
+    assert 1.0 < elapsed < 10  # at the time limit, far inside ttl=30
+    shared.result(result)
+    assert result.state == states.FAILURE
+    assert type(result.result).__name__ == "TimeLimitExceeded"
+    wait_until(lambda: run["pid"] not in worker.pool_pids(), 10, message="the timed-out process to be replaced")
+    # billiard's SIGTERM reached the body, which ignored it; the SIGKILL that
+    # followed meant the body's finally never ran: the main process freed it.
+    # (The event may be missing if the SIGKILL came before it was written.)
+    assert [e["event"] for e in shared.events(result.id)] in ([], ["sigterm-ignored"])
+    assert shared.sections(key) == []
+    assert_next_task_runs(shared, key, after_token=run["token"])
+
+
+def test_soft_time_limit_releases_in_the_body(shared: Stack) -> None:
+    worker = shared.workers[0]
+    key = new_key("soft")
+    result, run = _start_holder(shared, "wa.soft_limited", key)  # soft_time_limit=1, sleeps 60
+
+    elapsed = shared.wait_lock_gone(key, timeout=10)
+
+    assert elapsed < 10
+    shared.result(result)
+    assert result.state == states.FAILURE
+    assert type(result.result).__name__ == "SoftTimeLimitExceeded"
+    # The body saw the exception while it still held the lock; its finally released it.
+    (event,) = shared.events(result.id)
+    assert event["event"] == "soft-time-limit"
+    assert event["held"] is True and event["key_exists"] is True
+    assert len(shared.sections(key)) == 1
+    assert run["pid"] in worker.pool_pids()  # nobody killed the process
+    assert_next_task_runs(shared, key, after_token=run["token"])
+
+
+# -- retry, requeue, Ignore, Reject -----------------------------------------------------------
+
+
+def test_retry_releases_the_lock_between_attempts(shared: Stack) -> None:
+    key = new_key("retry")
+    result = shared.send("wa.retry_once", key, 1.5)
+    (first,) = shared.wait_run(result.id)
+    assert first["retries"] == 0
+
+    # Between the attempts anyone may take the lock: this process does.
+    outsider = Redlock(shared.lock_urls)
+
+    def take() -> int | None:
+        try:
+            with outsider.acquire(key, ttl=5, blocking=False) as lock:
+                return int(lock.token)
+        except LockBusy:
+            return None
+
+    ours = wait_until(take, 10, message="the lock to be free between the attempts")
+    assert len(shared.runs(task_id=result.id)) == 1  # the retry has not started yet
+
+    shared.result(result)
+    assert result.state == states.SUCCESS, (result.result, shared.logs())
+    first_run, second_run = shared.runs(task_id=result.id)
+    assert (first_run["retries"], second_run["retries"]) == (0, 1)
+    assert first_run["token"] < ours < second_run["token"] == result.result
+    assert overlaps(shared.sections(key)) == []
+    assert not shared.lock_exists(key)
+
+
+def test_requeues_do_not_consume_max_retries(shared: Stack) -> None:
+    worker = shared.workers[0]
+    key = new_key("requeue")
+    outsider = Redlock(shared.lock_urls)
+    lock = outsider.acquire(key, ttl=30, blocking=False)
+    try:
+        result = shared.send("wa.requeue_counted", key)  # max_retries=0
+        worker.wait_for_log(rf"{result.id}\]: requeued in [0-9.]+s \(3/200\)", timeout=20)
+        assert shared.runs(task_id=result.id) == []
+    finally:
+        lock.release()
+
+    shared.result(result)
+    assert result.state == states.SUCCESS, (result.result, shared.logs())
+    assert result.result["retries"] == 0
+    assert result.result["requeues"] >= 3
+    (run,) = shared.runs(task_id=result.id)
+    assert run["retries"] == 0 and run["requeues"] == result.result["requeues"]
+    assert run["token"] > lock.token
+
+
+@pytest.mark.parametrize("name", ["wa.ignore_body", "wa.reject_body"])
+def test_ignore_and_reject_release_the_lock(shared: Stack, name: str) -> None:
+    key = new_key(name.split(".")[1])
+    result = shared.send(name, key)
+    (run,) = shared.wait_run(result.id)
+
+    shared.wait_lock_gone(key, timeout=5)
+    assert_next_task_runs(shared, key, after_token=run["token"], timeout=10)
+    assert len(shared.sections(key)) == 2
+    assert overlaps(shared.sections(key)) == []
+    if name == "wa.reject_body":
+        assert result.state == states.FAILURE  # Reject(requeue=False) is recorded as a failure
+    else:
+        assert result.state == states.PENDING  # Ignore stores nothing
+
+
+# -- the whole worker stops or dies -------------------------------------------------------------
+
+
+def test_warm_shutdown_lets_the_task_finish_and_release(stack_factory: Callable[..., Stack]) -> None:
+    stack = stack_factory()
+    worker = stack.worker(concurrency=2)
+    key = new_key("warm")
+    result, run = _start_holder(stack, "wa.hold", key, 2.0)
+
+    code = worker.stop(timeout=30)
+
+    assert code == 0, worker.log_tail()
+    assert worker.group_pids() == []
+    (section,) = stack.sections(key)  # the body ran to its end
+    assert section.token == run["token"]
+    assert section.exit - section.enter >= 2.0e9
+    assert AsyncResult(result.id, app=stack.app).state == states.SUCCESS
+    assert not stack.lock_exists(key)
+
+
+def test_sigkill_of_the_whole_worker_lets_the_lock_expire(stack_factory: Callable[..., Stack]) -> None:
+    stack = stack_factory()
+    worker = stack.worker(concurrency=2)
+    key = new_key("sigkill")
+    _start_holder(stack, "wa.hold_short_ttl", key)  # ttl=2
+
+    # The watchdog keeps a 2 s lease alive well past 2 s while the body runs.
+    held_since = time.monotonic()
+    while time.monotonic() - held_since < 3.0:
+        assert stack.lock_exists(key), stack.logs()
+        time.sleep(0.05)
+
+    assert 0 < stack.lock_pttl(key) <= 2000
+    killed_at = time.monotonic()
+    worker.kill()  # SIGKILL to the main process and the pool at once
+    assert worker.group_pids() == []
+    elapsed = stack.wait_lock_gone(key, timeout=6, since=killed_at)
+
+    assert elapsed <= 2.0 + 2.0
+    assert stack.lock_token(key) is None
+    assert stack.sections(key) == []
+
+
+# -- redelivery: visibility_timeout shorter than the body ---------------------------------------
+
+
+def test_redelivered_message_never_overlaps(stack_factory: Callable[..., Stack]) -> None:
+    stack = stack_factory(env={"DLOCK_TEST_ACKS_LATE": "1", "DLOCK_TEST_VISIBILITY_TIMEOUT": "2"})
+    stack.worker(concurrency=2)
+    stack.worker(concurrency=2)
+    requeue_key, skip_key = new_key("redeliver-requeue"), new_key("redeliver-skip")
+    # Each body lasts 6 s the first time it runs for a task id, 0.1 s after that.
+    requeued = stack.send("wa.long_once_requeue", requeue_key, 6.0)
+    skipped = stack.send("wa.long_once_skip", skip_key, 6.0)
+
+    # Poll until both are done, watching the skip task's result meanwhile.
+    skip_states: list[str] = []
+
+    def done() -> bool:
+        state = AsyncResult(skipped.id, app=stack.app).state
+        if not skip_states or skip_states[-1] != state:
+            skip_states.append(state)
+        requeue_runs = len(stack.runs(task_id=requeued.id))
+        skip_runs = len(stack.runs(task_id=skipped.id))
+        return (
+            len(stack.sections(requeue_key)) == requeue_runs >= 2
+            and len(stack.sections(skip_key)) == skip_runs >= 2
+            and state == states.SUCCESS
+            and requeued.state == states.SUCCESS
+        )
+
+    wait_until(done, 30, message=lambda: f"both tasks to finish; skip states {skip_states}\n{stack.logs()}")
+
+    # The redelivered copy of a running task waits its turn, whatever the
+    # policy: it was requeued until the first run ended, then ran the body
+    # again (same task id), after the first.  At least once, never alongside.
+    # (A requeued copy may itself be redelivered on a slow machine: then the
+    # body runs a third time, still never alongside another run.)
+    for task, key in ((requeued, requeue_key), (skipped, skip_key)):
+        first, *later = runs = stack.runs(task_id=task.id)
+        sections = stack.sections(key)
+        assert overlaps(sections) == []
+        assert tokens_rise_in_order(sections)
+        assert first["requeues"] == 0 and all(run["requeues"] > 0 for run in later)
+        assert [run["token"] for run in runs] == sorted(s.token for s in sections)
+        assert stack.counter(key) == len(runs)
+        assert not stack.lock_exists(key)
+    # on_busy="skip" never skipped a copy of itself, so its result never read FAILURE.
+    assert states.FAILURE not in skip_states
+    assert not any(f"{skipped.id}]: skipped:" in w.log for w in stack.workers), stack.logs()
+    print(
+        f"\nredelivery: runs per task {len(stack.runs(task_id=requeued.id))}, {len(stack.runs(task_id=skipped.id))}; "
+        f"skip policy result states in order: {skip_states}"
+    )
+
+
+def test_a_second_copy_of_a_running_task_is_requeued_not_skipped(shared: Stack) -> None:
+    """Skipping a copy of the running task would overwrite its result, or lose a requeued task."""
+    worker = shared.workers[0]
+    key = new_key("dup-skip")
+    task_id = str(uuid.uuid4())
+    shared.send("wa.long_once_skip", key, 2.0, task_id=task_id)
+    shared.wait_run(task_id)
+    # A second message with the same id is what a broker redelivery is.
+    shared.send("wa.long_once_skip", key, 2.0, task_id=task_id)
+    worker.wait_for_log(rf"long_once_skip\[{task_id}\]: requeued in")
+    assert AsyncResult(task_id, app=shared.app).state != states.FAILURE
+    wait_until(lambda: len(shared.sections(key)) == 2, 20, message="both copies to run, one after the other")
+    assert overlaps(shared.sections(key)) == []
+    assert "skipped" not in worker.log.split(task_id, 1)[1]
+
+
+# -- the lock service is down ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dead_locks(make_stack: Callable[..., Stack]) -> Stack:
+    """A stack whose dlock_redis_url is a port nobody listens on."""
+    stack = make_stack(lock_urls=[f"redis://{HOST}:{free_port()}/0"])
+    stack.worker(concurrency=2)
+    return stack
+
+
+def test_fail_closed_never_runs_the_body(dead_locks: Stack) -> None:
+    key = new_key("closed")
+    result = dead_locks.result(dead_locks.send("wa.fail_closed", key), timeout=30)
+
+    assert result.state == states.FAILURE
+    assert isinstance(result.result, LockUnavailable), result.result
+    assert dead_locks.runs(key=key) == []
+    assert dead_locks.counter(key) == 0
+    # Requeued max_requeues=2 times, then given up.
+    assert f"{result.id}]: requeued in" in dead_locks.workers[0].log
+    assert "max_requeues=2" in str(result.result)
+
+
+def test_fail_open_runs_the_body_once_unlocked(dead_locks: Stack) -> None:
+    key = new_key("open")
+    result = dead_locks.result(dead_locks.send("wa.fail_open", key), timeout=30)
+
+    assert result.state == states.SUCCESS, result.result
+    assert result.result == "ran"
+    (run,) = dead_locks.runs(key=key)
+    assert run["locked"] is False and run["token"] == 0
+    assert dead_locks.counter(key) == 1
