@@ -67,6 +67,9 @@ class Settings:
     queue_full: str = "requeue"
     #: Seconds between the worker's sweeps for handoffs lost with a dead holder.
     sweep_interval: float = 5.0
+    #: The most two beats' clocks may differ, in seconds, for each due run to
+    #: still be published once (see :mod:`celery_dlock.beat`).
+    beat_max_skew: float = 60.0
 
     PREFIX: ClassVar[str] = "dlock_"
 
@@ -155,6 +158,13 @@ def check_positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_seconds(name: str, value: Any) -> float:
+    """A finite number of seconds, zero or more."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigurationError(f"{name}: expected a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
 def check_count(name: str, value: Any) -> int:
     """A whole number, zero or more."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -184,4 +194,5 @@ _CHECKS: Final = {
     "max_queued": check_count,
     "queue_full": check_choice(QUEUE_FULL),
     "sweep_interval": check_positive,
+    "beat_max_skew": check_seconds,
 }

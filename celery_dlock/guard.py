@@ -12,12 +12,14 @@ the owner prefix set here.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Final, NoReturn, TypeVar
 
 from celery import current_app, states
@@ -159,7 +161,7 @@ class SingleFlight:
         key = self.key_for(task, args, kwargs)
         hold_for = _hold_seconds(policy.hold, policy.ttl)
         if policy.hold is not None and policy.hold is not True:
-            key = f"{key}@{int(time.time() // policy.hold)}"
+            key = f"{key}@{int(_scheduled_time(request) // policy.hold)}"
         outside_worker = request is None or request.called_directly or request.is_eager
         on_lost = _LossReporter(task, app, task_id, hostname)
         try:
@@ -406,6 +408,23 @@ def _ticket_of(request: Any) -> str | None:
         return None
     ticket, _, retries = value.rpartition("@")
     return ticket if retries == str(request.retries) else None
+
+
+#: The header in which the multi-beat scheduler stamps a run's due instant.
+BEAT_SLOT_HEADER: Final = "dlock_beat_slot"
+
+
+def _scheduled_time(request: Any) -> float:
+    """When a run was due: the beat slot it was published for, else now.
+
+    A run published by :mod:`celery_dlock.beat` names its slot, so its period
+    is exact even if the message waited in the queue past the boundary.
+    """
+    slot = (getattr(request, "headers", None) or {}).get(BEAT_SLOT_HEADER)
+    if isinstance(slot, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(slot.replace("Z", "+00:00")).timestamp()
+    return time.time()
 
 
 def _hold_seconds(hold: float | bool | None, ttl: float) -> Callable[[], float] | None:

