@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .runtime import locks_for
+
 __all__ = ["send_task_event"]
 
 logger = logging.getLogger(__name__)
@@ -18,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def send_task_event(app: Any, type_: str, *, uuid: str | None, hostname: str | None, **fields: Any) -> None:
     """Send one task event for ``uuid`` if the worker sends task events."""
-    if uuid is None or not app.conf.worker_send_task_events:
+    if uuid is None or not locks_for(app).events:
         return
     try:
         with app.events.default_dispatcher(hostname=hostname) as dispatcher:

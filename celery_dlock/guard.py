@@ -202,7 +202,7 @@ class SingleFlight:
             if succeeded and hold_for:
                 lock.keep(hold_for())
             else:
-                lock.release()
+                lock.release_nowait()
             handoff = getattr(lock, "handoff", None)
             if handoff is not None:
                 publish_handoff(app, handoff)

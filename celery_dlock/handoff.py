@@ -64,7 +64,8 @@ class QueuedLock(Lock):
     #: caller must publish it.
     handoff: Handoff | None = None
 
-    def _release_io(self) -> bool:
+    def _release_io(self, confirm: bool) -> bool:
+        # Always waits: the reply carries the next ticket's payload.
         queue: HandoffQueue = self._queue  # type: ignore[attr-defined]
         released, self.handoff = queue._hand_off(
             scripts.RELEASE_HANDOFF, self.key, self.owner, self.ttl, count_as=self.count_as

@@ -100,6 +100,7 @@ class Lock:
         self._released = False
         self._lost = False
         self._mutex = threading.Lock()
+        self._watchdog: Watchdog | None = None
 
     def __repr__(self) -> str:
         state = "released" if self._released else "lost" if self.lost else f"{self.remaining():.3f}s left"
@@ -169,14 +170,28 @@ class Lock:
         been lost, or too few nodes answered (it then expires with its lease).
         It never raises for node errors, so it is safe in ``finally`` blocks.
         """
+        return self._end(confirm=True)
+
+    def release_nowait(self) -> None:
+        """Release the lock without waiting for the nodes to confirm.
+
+        The release is sent to every node at once and its replies are read
+        later, with the connection's next command, so it costs no round trip.
+        For callers that would not act on :meth:`release`'s answer.
+        """
+        self._end(confirm=False)
+
+    def _end(self, *, confirm: bool) -> bool:
         with self._mutex:
             if self._released:
                 return False
             if time.monotonic() >= self._valid_until:
                 self._lost = True
             self._released = True
+            if self._watchdog is not None:
+                self._watchdog.forget(self)
             fault_point("before-release")
-            return self._release_io()
+            return self._release_io(confirm)
 
     unlock = release
 
@@ -199,9 +214,10 @@ class Lock:
                 return False
             return True
 
-    def _release_io(self) -> bool:
+    def _release_io(self, confirm: bool) -> bool:
         """Delete the lock on the nodes; subclasses may also hand it on."""
-        return self._redlock._release(self.key, self._owner, count_as=self.count_as)
+        nodes = None if confirm else self._redlock.nodes
+        return self._redlock._release(self.key, self._owner, nodes, count_as=self.count_as)
 
     def _extend(self, ttl: float | None) -> None:
         with self._mutex:

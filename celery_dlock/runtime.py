@@ -26,6 +26,9 @@ class AppLocks:
         self.settings = Settings.from_app(app)
         #: The worker's node name, once the worker has started in this process.
         self.hostname: str | None = None
+        #: Whether to send the plugin's task events: the app setting, and then
+        #: the worker's own choice (``-E``) once it has started.
+        self.events = bool(app.conf.worker_send_task_events)
         self._redlock: Redlock | None = None
         self._handoff_queue: HandoffQueue | None = None
         self._held: set[Lock] = set()

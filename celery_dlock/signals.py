@@ -113,6 +113,7 @@ def check_worker(worker: Any) -> bool:
     app = worker.app
     locks = locks_for(app)  # reads and checks the dlock_* settings
     locks.hostname = worker.hostname
+    locks.events = bool(worker.task_events)
     visibility = _visibility_timeout(app)
     queues = False
     for task in list(app.tasks.values()):

@@ -12,10 +12,7 @@ released stops being renewed and expires with its lease.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import math
 import os
 import threading
 import time
@@ -35,72 +32,93 @@ logger = logging.getLogger(__name__)
 _RETRY_MIN = 0.05
 _RETRY_MAX = 1.0
 
+#: The thread looks at its locks at least this often, so a new lock whose
+#: first renewal is further off than this never has to wake it: registering
+#: and releasing a lock cost a dict insert and delete, not a context switch.
+IDLE_TICK = 1.0
+
+
+class _Watch:
+    """One watched lock: a weak reference, its renewal period and next due time."""
+
+    __slots__ = ("due", "every", "ref")
+
+    def __init__(self, lock: Lock, every: float, due: float) -> None:
+        self.ref = weakref.ref(lock)
+        self.every = every
+        self.due = due
+
 
 class Watchdog:
     """A daemon thread that keeps leases alive, started on first use."""
 
     def __init__(self, name: str = "celery-dlock-watchdog") -> None:
         self.name = name
-        self._queue: list[tuple[float, int, weakref.ref[Lock], float]] = []
-        self._order = itertools.count()
+        self._watched: dict[int, _Watch] = {}
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._sleeping_until = 0.0
+        self._wakes_at = 0.0
 
     def __len__(self) -> int:
         """How many locks are being kept alive."""
         with self._wakeup:
-            return sum(1 for _, _, ref, _ in self._queue if _alive(ref()))
+            return sum(1 for watch in self._watched.values() if _alive(watch.ref()))
 
     def watch(self, lock: Lock, every: float) -> None:
         """Renew ``lock`` each time ``every`` (a share of its ttl) has passed."""
-        self._schedule(lock, time.monotonic() + lock.ttl * every, every)
+        self._schedule(lock, every, time.monotonic() + lock.ttl * every)
 
-    def _schedule(self, lock: Lock, due: float, every: float) -> None:
+    def forget(self, lock: Lock) -> None:
+        """Stop renewing ``lock`` (it was released)."""
         with self._wakeup:
-            heapq.heappush(self._queue, (due, next(self._order), weakref.ref(lock), every))
+            watch = self._watched.get(id(lock))
+            if watch is not None and watch.ref() is lock:
+                del self._watched[id(lock)]
+
+    def _schedule(self, lock: Lock, every: float, due: float) -> None:
+        with self._wakeup:
+            self._watched[id(lock)] = _Watch(lock, every, due)
+            lock._watchdog = self
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-            elif due < self._sleeping_until:
-                # Waking the thread costs a context switch: only when it
-                # would otherwise sleep past the new lock's renewal.
+            elif due < self._wakes_at:
                 self._wakeup.notify()
 
     def _run(self) -> None:
         while True:
             try:
-                lock, every = self._next_due()
-                if lock is not None:
+                for lock, every in self._due():
                     self._renew(lock, every)
             except Exception:  # the thread must outlive any bug in a renewal
                 logger.exception("watchdog renewal failed unexpectedly")
-            finally:
-                lock = None  # drop the strong reference while we sleep
 
-    def _next_due(self) -> tuple[Lock | None, float]:
+    def _due(self) -> list[tuple[Lock, float]]:
+        """Sleep until a lock is due, then take the due ones off the watch list."""
         with self._wakeup:
             while True:
-                if not self._queue:
-                    self._sleeping_until = math.inf
-                    self._wakeup.wait()
-                    continue
-                due, _, ref, every = self._queue[0]
-                wait = due - time.monotonic()
-                if wait > 0:
-                    self._sleeping_until = due
-                    self._wakeup.wait(wait)
-                    continue
-                self._sleeping_until = 0.0
-                heapq.heappop(self._queue)
-                lock = ref()
-                if _alive(lock):
-                    return lock, every
+                now = time.monotonic()
+                due: list[tuple[Lock, float]] = []
+                next_due = now + IDLE_TICK
+                for key, watch in list(self._watched.items()):
+                    lock = watch.ref()
+                    if not _alive(lock):
+                        del self._watched[key]
+                    elif watch.due <= now:
+                        del self._watched[key]
+                        due.append((lock, watch.every))  # type: ignore[arg-type]
+                    else:
+                        next_due = min(next_due, watch.due)
+                if due:
+                    self._wakes_at = 0.0
+                    return due
+                self._wakes_at = next_due
+                self._wakeup.wait(next_due - now)
 
     def _renew(self, lock: Lock, every: float) -> None:
         now = time.monotonic()
         if lock.max_hold is not None and now - lock.acquired_at >= lock.max_hold:
-            self._expire(lock)
+            self._expire(lock, every)
             return
         try:
             lock._extend(None)
@@ -113,20 +131,16 @@ class Watchdog:
                 lock._mark_lost(exc)
                 return
             logger.info("could not extend lock %r, %.3fs left: %s", lock.key, left, exc)
-            self._schedule(lock, now + min(_RETRY_MAX, max(_RETRY_MIN, left / 4)), every)
+            self._schedule(lock, every, now + min(_RETRY_MAX, max(_RETRY_MIN, left / 4)))
             return
         if not lock.released:
-            self._schedule(lock, time.monotonic() + lock.ttl * every, every)
+            self._schedule(lock, every, time.monotonic() + lock.ttl * every)
 
-    def _expire(self, lock: Lock) -> None:
+    def _expire(self, lock: Lock, every: float) -> None:
         """Stop renewing a lock past ``max_hold``; report it once it lapses."""
         left = lock.remaining()
         if left > 0:
-            with self._wakeup:
-                heapq.heappush(
-                    self._queue,
-                    (time.monotonic() + left, next(self._order), weakref.ref(lock), 0.0),
-                )
+            self._schedule(lock, every, time.monotonic() + left)
             return
         if not lock.released:
             lock._mark_lost(LockLost(f"lock {lock.key!r} was held past max_hold={lock.max_hold}s", key=lock.key))
