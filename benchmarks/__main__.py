@@ -1,8 +1,10 @@
 """``python -m benchmarks``: run the scenarios, print and save their results.
 
-By default every registered scenario runs at full size (about a minute) and
-the report is printed and written to ``benchmarks/RESULTS.md`` with its plots
-beside it.  ``--quick`` makes a tiny run, and ``--no-write`` leaves the saved
+By default every registered scenario runs at full size (under ten minutes
+in all) and the whole report is printed and written to
+``benchmarks/RESULTS.md`` with its plots beside it.  With ``--scenario`` only
+the sections of the scenarios run are replaced in ``RESULTS.md``; the others
+are kept.  ``--quick`` makes a tiny run, and ``--no-write`` leaves the saved
 files alone, so ``python -m benchmarks --quick --no-write`` is a smoke test.
 """
 
@@ -18,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import cpus, latency, plotting, report
+from . import contention, cpus, drain, handoff, latency, memory, plotting, report
 from .machine import Machine, describe
 from .scenario import RunOptions, Scenario, ScenarioResult
 
@@ -26,11 +28,19 @@ __all__ = ["SCENARIOS", "main"]
 
 #: Every scenario, by command-line name, in the order they run.
 SCENARIOS: dict[str, Scenario] = {
-    scenario.name: scenario for scenario in (latency.SCENARIO,)
+    scenario.name: scenario
+    for scenario in (
+        latency.SCENARIO,
+        handoff.SCENARIO,
+        drain.SCENARIO,
+        contention.SCENARIO,
+        memory.SCENARIO,
+    )
 }
 
 #: Where ``RESULTS.md`` and the plots are written.
 OUTPUT_DIR = Path(__file__).resolve().parent
+RESULTS = OUTPUT_DIR / "RESULTS.md"
 
 DEFAULT_SEED = 1
 
@@ -50,19 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"running {scenario.title} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
         results.append(scenario.run(options))
-        print(
-            f"  done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True
-        )
+        print(f"  done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     machine = machine.finished()
 
     text = report.render(results, machine, command, options, plots=plotting.available())
     print(text)
     if not args.no_write:
+        if set(names) != set(SCENARIOS) and RESULTS.exists():
+            header = report.partial_header(command, machine, options)
+            text = report.merge(RESULTS.read_text(), results, header, plots=plotting.available())
         _write(text, results)
     if args.json is not None:
-        args.json.write_text(
-            json.dumps(_as_json(results, machine, command, options), indent=1)
-        )
+        args.json.write_text(json.dumps(_as_json(results, machine, command, options), indent=1))
         print(f"raw numbers written to {args.json}", file=sys.stderr)
     return 0
 
@@ -78,17 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=list(SCENARIOS),
         help="run only this scenario (repeatable; default: all of them)",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="a tiny run, a second or two per scenario"
-    )
+    parser.add_argument("--quick", action="store_true", help="a tiny run, a few seconds per scenario")
     parser.add_argument(
         "--no-write",
         action="store_true",
         help=f"print only: leave {OUTPUT_DIR.name}/RESULTS.md and the plots untouched",
     )
-    parser.add_argument(
-        "--json", type=Path, metavar="PATH", help="also dump every raw timing to PATH"
-    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also dump every raw timing to PATH")
     parser.add_argument(
         "--cpus",
         choices=cpus.LAYOUTS,
@@ -106,9 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _write(text: str, results: Sequence[ScenarioResult]) -> None:
     """Save the report and draw the plots, or say why a plot was skipped."""
-    path = OUTPUT_DIR / "RESULTS.md"
-    path.write_text(text)
-    print(f"report written to {path}", file=sys.stderr)
+    RESULTS.write_text(text)
+    print(f"report written to {RESULTS}", file=sys.stderr)
     plots = [plot for result in results for plot in result.plots]
     if plots and not plotting.available():
         print(
@@ -135,7 +139,7 @@ def _as_json(
             {
                 "name": result.name,
                 "title": result.title,
-                "schedule": asdict(result.schedule),
+                "schedule": None if result.schedule is None else asdict(result.schedule),
                 "variants": [asdict(row) for row in result.rows],
                 "ratios": [asdict(value) for value in result.ratios],
                 "targets": [
@@ -147,6 +151,7 @@ def _as_json(
                     for outcome in result.targets
                 ],
                 "notes": result.notes,
+                "tables": [asdict(table) for table in result.tables],
                 "timings_ns": result.timings,
             }
             for result in results

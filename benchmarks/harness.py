@@ -7,7 +7,9 @@ drifts is spread over all of them alike.  The first rounds are warm-up and
 are thrown away: they open connections, load scripts and fill caches.
 
 Each operation is timed on its own with :func:`time.perf_counter_ns`, so the
-results are distributions, not averages.  The garbage collector is paused
+results are distributions, not averages.  An operation the calling thread
+cannot time (a span between two other threads, a whole worker run) is
+*self-timed*: it measures itself and returns its sample.  The garbage collector is paused
 while a batch runs and a collection is made between rounds, as ``timeit``
 does, so that one variant does not pay for another's garbage.
 """
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 
 __all__ = ["Op", "Schedule", "Timings", "Variant", "run_interleaved"]
 
-#: One operation to time; what it returns is ignored.
+#: One operation to time.  What it returns is ignored, unless its variant is
+#: ``self_timed``: it then returns its own duration in nanoseconds.
 Op = Callable[[], object]
 
 #: Per-operation durations in nanoseconds, one list per measured round.
@@ -40,6 +43,10 @@ class Variant:
             draw each family as one line.
         nodes: How many redis-server nodes the operation talks to.
         op: The operation, to be called once per timed sample.
+        self_timed: Whether ``op`` measures itself and returns the sample
+            (an ``int`` of nanoseconds), for what the calling thread cannot
+            time: a span between two other threads, or a whole worker run.
+
     """
 
     key: str
@@ -47,6 +54,7 @@ class Variant:
     family: str
     nodes: int
     op: Op
+    self_timed: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class Schedule:
         rounds: Measured rounds.
         warmup: Rounds run first and discarded.
         batch: Operations of each variant per round.
+
     """
 
     rounds: int
@@ -73,9 +82,7 @@ class Schedule:
         return self.rounds * self.batch
 
 
-def run_interleaved(
-    variants: Sequence[Variant], schedule: Schedule, rng: random.Random
-) -> dict[str, Timings]:
+def run_interleaved(variants: Sequence[Variant], schedule: Schedule, rng: random.Random) -> dict[str, Timings]:
     """Time every variant in interleaved rounds; returns timings by variant key.
 
     Warm-up rounds run the same way as measured ones but are not kept.
@@ -91,7 +98,7 @@ def run_interleaved(
         for round_no in range(schedule.warmup + schedule.rounds):
             rng.shuffle(order)
             for variant in order:
-                batch = _time_batch(variant.op, schedule.batch)
+                batch = _time_batch(variant, schedule.batch)
                 if round_no >= schedule.warmup:
                     timings[variant.key].append(batch)
             gc.collect()
@@ -101,8 +108,11 @@ def run_interleaved(
     return timings
 
 
-def _time_batch(op: Op, count: int) -> list[int]:
-    """Run ``op`` ``count`` times; the duration of each call in nanoseconds."""
+def _time_batch(variant: Variant, count: int) -> list[int]:
+    """Run the variant's op ``count`` times; each sample in nanoseconds."""
+    op = variant.op
+    if variant.self_timed:
+        return [_sample(op()) for _ in range(count)]
     clock = time.perf_counter_ns
     durations = []
     for _ in range(count):
@@ -110,3 +120,10 @@ def _time_batch(op: Op, count: int) -> list[int]:
         op()
         durations.append(clock() - started)
     return durations
+
+
+def _sample(value: object) -> int:
+    """A self-timed op's result, checked: a duration in nanoseconds."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"a self-timed op must return nanoseconds as an int, got {value!r}")
+    return value

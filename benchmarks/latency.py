@@ -11,7 +11,6 @@ whatever the client does.
 
 from __future__ import annotations
 
-import importlib
 import secrets
 import socket
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from celery_dlock.redlock import Redlock
 
 from . import cpus, servers
 from .harness import Op, Schedule, Variant, run_interleaved
+from .optional import optional_import
 from .scenario import (
     LinePlot,
     RunOptions,
@@ -90,28 +90,18 @@ RATIOS = [
     Ratio("ours(5) / ours(1)", key("ours", 5), key("ours")),
     Ratio("raw(3) / raw(1)", key("raw", 3), key("raw")),
     Ratio("raw(5) / raw(1)", key("raw", 5), key("raw")),
-    *(
-        Ratio(f"ours({n}) / raw({n})", key("ours", n), key("raw", n))
-        for n in NODE_COUNTS
-    ),
+    *(Ratio(f"ours({n}) / raw({n})", key("ours", n), key("raw", n)) for n in NODE_COUNTS),
     Ratio("floor / raw(1)", key("floor"), key("raw")),
     Ratio("redis-py Lock / ours(1)", key("redis-py"), key("ours")),
     Ratio("python-redis-lock / ours(1)", key("python-redis-lock"), key("ours")),
-    *(
-        Ratio(f"pottery({n}) / ours({n})", key("pottery", n), key("ours", n))
-        for n in NODE_COUNTS
-    ),
+    *(Ratio(f"pottery({n}) / ours({n})", key("pottery", n), key("ours", n)) for n in NODE_COUNTS),
 ]
 
 _by_label = {ratio.label: ratio for ratio in RATIOS}
 
 TARGETS = [
-    Target(
-        "ours(1) within 15% of the floor", _by_label["ours(1) / floor"], 1.15, "at most"
-    ),
-    Target(
-        "ours(5) at most twice ours(1)", _by_label["ours(5) / ours(1)"], 2.0, "at most"
-    ),
+    Target("ours(1) within 15% of the floor", _by_label["ours(1) / floor"], 1.15, "at most"),
+    Target("ours(5) at most twice ours(1)", _by_label["ours(5) / ours(1)"], 2.0, "at most"),
     Target(
         "ours(5) at least 8x faster than pottery(5)",
         _by_label["pottery(5) / ours(5)"],
@@ -163,49 +153,32 @@ def run(options: RunOptions) -> ScenarioResult:
     return replace(result, plots=[plot])
 
 
-SCENARIO = Scenario(
-    name="latency", title="Scenario 1: uncontended lock latency", run=run
-)
+SCENARIO = Scenario(name="latency", title="Scenario 1: uncontended lock latency", run=run)
 
 
 # -- the variants ---------------------------------------------------------------
 
 
-def _variants(
-    nodes: Sequence[servers.RedisServer], cleanup: ExitStack, notes: list[str]
-) -> list[Variant]:
+def _variants(nodes: Sequence[servers.RedisServer], cleanup: ExitStack, notes: list[str]) -> list[Variant]:
     """Every variant, in table order; missing optional libraries are noted, skipped."""
-    pottery = _optional("pottery", notes)
-    redis_lock = _optional("redis_lock", notes, package="python-redis-lock")
+    pottery = optional_import("pottery", notes)
+    redis_lock = optional_import("redis_lock", notes, package="python-redis-lock")
 
     def one(family: str, label: str, op: Op) -> list[Variant]:
         return [Variant(key(family), label, family, 1, op)]
 
-    def each_count(
-        family: str, label: str, build: Callable[[Sequence[servers.RedisServer]], Op]
-    ) -> list[Variant]:
-        return [
-            Variant(key(family, n), f"{label} ({n})", family, n, build(nodes[:n]))
-            for n in NODE_COUNTS
-        ]
+    def each_count(family: str, label: str, build: Callable[[Sequence[servers.RedisServer]], Op]) -> list[Variant]:
+        return [Variant(key(family, n), f"{label} ({n})", family, n, build(nodes[:n])) for n in NODE_COUNTS]
 
-    variants = each_count(
-        "raw", "raw fan-out", lambda group: _raw_fan_out(group, cleanup)
-    )
+    variants = each_count("raw", "raw fan-out", lambda group: _raw_fan_out(group, cleanup))
     variants += one("floor", "floor: SET NX + EVALSHA", _floor(nodes[0]))
     variants += each_count("ours", "ours", lambda group: _ours(group, cleanup))
     variants += one("redis-py", "redis-py Lock", _redis_py(nodes[0]))
     if redis_lock is not None:
-        lock = redis_lock.Lock(
-            nodes[0].client(), _name("python-redis-lock"), expire=TTL_SECONDS
-        )
-        variants += one(
-            "python-redis-lock", "python-redis-lock", _acquire_release(lock)
-        )
+        lock = redis_lock.Lock(nodes[0].client(), _name("python-redis-lock"), expire=TTL_SECONDS)
+        variants += one("python-redis-lock", "python-redis-lock", _acquire_release(lock))
     if pottery is not None:
-        variants += each_count(
-            "pottery", "pottery Redlock", lambda group: _pottery(pottery, group)
-        )
+        variants += each_count("pottery", "pottery Redlock", lambda group: _pottery(pottery, group))
     return variants
 
 
@@ -272,9 +245,7 @@ def _acquire_release(lock: Any) -> Op:
 def _raw_fan_out(nodes: Sequence[servers.RedisServer], cleanup: ExitStack) -> Op:
     socks = []
     for node in nodes:
-        sock = cleanup.enter_context(
-            socket.create_connection((servers.HOST, node.port), timeout=1.0)
-        )
+        sock = cleanup.enter_context(socket.create_connection((servers.HOST, node.port), timeout=1.0))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         socks.append(sock)
     ping = b"PING\r\n"
@@ -291,15 +262,3 @@ def _raw_fan_out(nodes: Sequence[servers.RedisServer], cleanup: ExitStack) -> Op
                     raise RuntimeError(f"raw fan-out: unexpected reply {reply!r}")
 
     return op
-
-
-def _optional(module: str, notes: list[str], *, package: str | None = None) -> Any:
-    """Import an optional library, or note that its variants were skipped."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        notes.append(
-            f"{package or module} is not installed, so its variants were skipped "
-            "(install the bench extra: `pip install -e .[bench]`)."
-        )
-        return None

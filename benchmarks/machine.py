@@ -23,8 +23,13 @@ PACKAGES = (
     "celery-dlock",
     "redis",
     "hiredis",
+    "celery",
+    "kombu",
     "pottery",
     "python-redis-lock",
+    "celery-once",
+    "celery-singleton",
+    "celery-heimdall",
     "matplotlib",
 )
 
@@ -46,6 +51,7 @@ class Machine:
         redis_server: The redis-server version and the binary's path.
         packages: Installed versions of the libraries involved, by name.
         revision: The repository's commit, ``-dirty`` if files were modified.
+
     """
 
     date: str
@@ -61,7 +67,7 @@ class Machine:
     load_average_end: tuple[float, float, float] | None = None
 
     def finished(self) -> Machine:
-        """This description with the load average at the end filled in."""
+        """The same description, with the load average at the end filled in."""
         return replace(self, load_average_end=os.getloadavg())
 
 
@@ -82,7 +88,7 @@ def describe(packages: Sequence[str] = PACKAGES) -> Machine:
 
 
 def _utc_now() -> str:
-    now = datetime.now(timezone.utc)  # noqa: UP017 - datetime.UTC needs Python 3.11
+    now = datetime.now(timezone.utc)
     return now.replace(microsecond=0).isoformat()
 
 

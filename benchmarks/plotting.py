@@ -36,7 +36,7 @@ def draw(plot: LinePlot, directory: Path) -> Path:
             (line,) = axes.plot(xs, ys, marker="o", label=legend)
             # Values printed above the points of one series, below the next.
             offset = (6, 5) if index % 2 == 0 else (6, -11)
-            for x, y in zip(xs, ys):
+            for x, y in zip(xs, ys, strict=True):
                 axes.annotate(
                     f"{y:.0f}",
                     (x, y),

@@ -18,7 +18,7 @@ _TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 if str(_TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(_TESTS_DIR))
 
-from redis_servers import HOST, RedisCluster, RedisServer, find_redis_server
+from redis_servers import HOST, RedisCluster, RedisServer, find_redis_server  # noqa: E402
 
 __all__ = [
     "HOST",
@@ -40,9 +40,7 @@ def nodes(count: int) -> Iterator[RedisCluster]:
     with RedisCluster() as cluster:
         cluster.start(count)
         if any(server.port == SYSTEM_PORT for server in cluster):
-            raise RuntimeError(
-                f"a benchmark node landed on port {SYSTEM_PORT}; run again"
-            )
+            raise RuntimeError(f"a benchmark node landed on port {SYSTEM_PORT}; run again")
         yield cluster
 
 
@@ -58,8 +56,6 @@ def redis_server_binary() -> str:
 
 def redis_server_version() -> str:
     """The version line of :func:`redis_server_binary`, such as ``v=7.2.4``."""
-    out = subprocess.run(
-        [redis_server_binary(), "--version"], capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True, check=True).stdout
     fields = dict(part.split("=", 1) for part in out.split() if "=" in part)
     return fields.get("v", out.strip())
