@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Final
 
 from .errors import ConfigurationError
 
-__all__ = ["BUSY_POLICIES", "FAIL_MODES", "QUEUE_FULL", "WAIT_FALLBACKS", "Settings"]
+__all__ = ["BUSY_POLICIES", "FAIL_MODES", "QUEUE_FULL", "WAIT_FALLBACKS", "Settings", "broker_visibility_timeout"]
 
 #: What a task does when its key is held: see the README's policy table.
 BUSY_POLICIES: Final = ("requeue", "skip", "wait", "raise", "queue", "coalesce")
@@ -125,6 +125,19 @@ def _fallback_url(conf: Any) -> tuple[str, ...]:
         if isinstance(url, str) and url.split("://", 1)[0] in ("redis", "rediss", "unix"):
             return (url,)
     return (DEFAULT_REDIS_URL,)
+
+
+def broker_visibility_timeout(conf: Any) -> float | None:
+    """The Redis broker's ``visibility_timeout``, or ``None`` for other brokers.
+
+    A message that waits unacknowledged longer than this (a countdown, a long
+    ``acks_late`` run) is delivered a second time.
+    """
+    url = _lookup(conf, "broker_url") or ""
+    if not isinstance(url, str) or url.split("://", 1)[0] not in ("redis", "rediss", "sentinel", "socket"):
+        return None
+    options = _lookup(conf, "broker_transport_options") or {}
+    return float(options.get("visibility_timeout", 3600))
 
 
 def check_redis_url(name: str, value: Any) -> tuple[str, ...]:

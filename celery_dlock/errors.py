@@ -119,7 +119,8 @@ class LockUnavailable(DLockError):
     ) -> LockUnavailable:
         """The error for ``key``, with a message listing the failed nodes."""
         detail = "; ".join(f"{node}: {err!r}" for node, err in errors)
-        message = f"lock {key!r} unavailable: {reason} after {attempts} attempt(s)"
+        subject = f"lock {key!r}" if key is not None else "the lock service"
+        message = f"{subject} unavailable: {reason} after {attempts} attempt(s)"
         return cls(
             f"{message} ({detail})" if detail else message,
             key=key,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,7 @@ class HandoffQueue:
         label: str | None = None,
         owner_prefix: str = "",
         count_as: str | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> QueuedLock:
         """Take ``key`` once, without waiting; renewed by the watchdog.
 
@@ -121,7 +122,7 @@ class HandoffQueue:
             [self.redlock._fence_key, *self._counters(count_as)],
             owner,
             ttl_ms,
-            _metadata(label),
+            _metadata(label, details),
             ticket or "",
             ttl_ms,
             key,

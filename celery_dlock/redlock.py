@@ -25,7 +25,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, ClassVar, Final
@@ -345,6 +345,7 @@ class Redlock:
         label: str | None = None,
         owner_prefix: str = "",
         count_as: str | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> Lock:
         """Take the lock on ``key`` for a lease of ``ttl`` seconds.
 
@@ -360,6 +361,7 @@ class Redlock:
         (:meth:`release_owner`); the rest stays 128 random bits.
         ``count_as`` counts this lock's acquisitions, busy refusals and
         releases under that label, inside the lock scripts (see :meth:`stats`).
+        ``details`` adds JSON-serialisable fields to the stored metadata.
 
         Raises :class:`LockBusy` if the key stayed held, and
         :class:`LockUnavailable` if a quorum could not be reached.
@@ -378,7 +380,7 @@ class Redlock:
             raise TypeError(f"owner_prefix: expected str, got {type(owner_prefix).__name__}")
 
         owner = owner_prefix + secrets.token_hex(16)
-        meta = _metadata(label)
+        meta = _metadata(label, details)
         deadline = None if timeout is None else time.monotonic() + timeout
         attempts = 0
         waiter: _ReleaseWaiter | None = None
@@ -499,21 +501,27 @@ class Redlock:
         return held if removed else None
 
     def holder(self, key: str) -> dict[str, Any] | None:
-        """The metadata of whoever holds ``key`` on the first node that answers.
+        """The metadata and token of whoever holds ``key`` on a quorum, if anyone.
 
-        For operators and diagnostics: it reads one node and takes no lock.
+        For operators and diagnostics: it reads every node and takes no lock.
+        A holder found on fewer than a quorum of nodes (a lock being taken, or
+        one left on a minority) is not reported.
         """
         _check_key(key)
-        for node in self.nodes:
-            reply = node.execute(pack("HGETALL", self._lock_key(key)))
-            if isinstance(reply, BaseException):
-                continue
-            if not reply:
-                return None
-            fields = dict(zip(reply[::2], reply[1::2], strict=True))
-            holder = _parse_metadata(fields.get(b"meta")) or {}
-            holder["token"] = int(fields.get(b"token", 0))
-            return holder
+        command = pack("HGETALL", self._lock_key(key))
+        replies = fan_out(
+            [(node, command) for node in self.nodes], decided=lambda r: False, timeout=self.socket_timeout
+        )
+        copies: dict[bytes, list[dict[bytes, bytes]]] = {}
+        for reply in replies:
+            if isinstance(reply, list) and reply:
+                fields = dict(zip(reply[::2], reply[1::2], strict=True))
+                copies.setdefault(fields.get(b"owner", b""), []).append(fields)
+        for held in copies.values():
+            if len(held) >= self.quorum:
+                holder = _parse_metadata(held[0].get(b"meta")) or {}
+                holder["token"] = max(int(fields.get(b"token", 0)) for fields in held)
+                return holder
         return None
 
     def count(self, label: str, event: str, amount: int = 1) -> None:
@@ -754,8 +762,11 @@ def _is_refused(reply: Reply) -> bool:
 _HOST: Final = socket.gethostname()
 
 
-def _metadata(label: str | None) -> str:
-    return json.dumps({"hostname": _HOST, "pid": os.getpid(), "acquired_at": time.time(), "label": label})
+def _metadata(label: str | None, details: Mapping[str, Any] | None = None) -> str:
+    meta = {"hostname": _HOST, "pid": os.getpid(), "acquired_at": time.time(), "label": label}
+    if details:
+        meta.update(details)
+    return json.dumps(meta)
 
 
 def _parse_metadata(raw: bytes | None) -> dict[str, Any] | None:

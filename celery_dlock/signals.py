@@ -26,8 +26,10 @@ from billiard.exceptions import WorkerLostError
 from celery import bootsteps, signals
 from celery.exceptions import TimeLimitExceeded
 
+from .config import broker_visibility_timeout
 from .errors import ConfigurationError
 from .guard import publish_handoff
+from .handoff import Handoff
 from .runtime import known_apps, locks_for
 
 __all__ = ["connect_signals"]
@@ -86,22 +88,30 @@ class SettingsCheck(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, worker: Any) -> None:
         if self.queues:
             interval = locks_for(worker.app).settings.sweep_interval
-            worker.timer.call_repeatedly(interval, sweep_handoffs, (worker.app,))
+            worker.timer.call_repeatedly(interval, _sweep, (worker.app,))
 
 
-def sweep_handoffs(app: Any) -> int:
-    """Publish the handoffs of queues whose holder died; returns how many."""
+def hand_on_stranded(app: Any) -> list[Handoff]:
+    """Publish the next message of every queue whose holder has gone; returns them.
+
+    Raises :class:`~celery_dlock.errors.LockUnavailable` if the lock node
+    cannot be reached.
+    """
     locks = locks_for(app)
+    handoffs = locks.handoff_queue.sweep(locks.settings.default_ttl)
+    for handoff in handoffs:
+        publish_handoff(app, handoff)
+    return handoffs
+
+
+def _sweep(app: Any) -> None:
     try:
-        handoffs = locks.handoff_queue.sweep(locks.settings.default_ttl)
-        for handoff in handoffs:
-            publish_handoff(app, handoff)
+        handoffs = hand_on_stranded(app)
     except Exception:  # the timer must keep running
         logger.warning("handoff sweep failed", exc_info=True)
-        return 0
+        return
     if handoffs:
         logger.info("handed on %d parked message(s) whose holder had gone", len(handoffs))
-    return len(handoffs)
 
 
 def check_worker(worker: Any) -> bool:
@@ -114,7 +124,7 @@ def check_worker(worker: Any) -> bool:
     locks = locks_for(app)  # reads and checks the dlock_* settings
     locks.hostname = worker.hostname
     locks.events = bool(worker.task_events)
-    visibility = _visibility_timeout(app)
+    visibility = broker_visibility_timeout(app.conf)
     queues = False
     for task in list(app.tasks.values()):
         guard = guard_of(task)
@@ -136,14 +146,6 @@ def check_worker(worker: Any) -> bool:
                 "broker_transport_options['visibility_timeout']"
             )
     return queues
-
-
-def _visibility_timeout(app: Any) -> float | None:
-    url = app.conf.broker_url or ""
-    if not isinstance(url, str) or url.split("://", 1)[0] not in ("redis", "rediss", "sentinel", "socket"):
-        return None
-    options = app.conf.broker_transport_options or {}
-    return float(options.get("visibility_timeout", 3600))
 
 
 def _on_task_failure(

@@ -1,0 +1,338 @@
+"""``celery dlock``: inspect and manage the locks of a Celery app.
+
+Registered through the ``celery.commands`` entry point, so each subcommand
+works on the app given to ``celery -A``::
+
+    celery -A proj dlock list 'ledger:*'
+    celery -A proj dlock show ledger:42
+    celery -A proj dlock release ledger:42
+    celery -A proj dlock purge --prefix ledger:
+    celery -A proj dlock stats
+    celery -A proj dlock doctor
+
+The work is done by :mod:`celery_dlock.doctor`; this module only formats it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any, Final, TypeVar
+
+import click
+from celery.bin.base import CeleryCommand, CeleryOption
+from celery.exceptions import CeleryCommandException
+from celery.platforms import EX_FAILURE, EX_UNAVAILABLE
+from redis.exceptions import RedisError
+
+from .doctor import (
+    Check,
+    HeldLock,
+    Released,
+    Verdict,
+    diagnose,
+    force_release,
+    glob_escape,
+    held_locks,
+    lock_details,
+    parked_tickets,
+    worst,
+)
+from .errors import LockUnavailable
+from .runtime import locks_for
+
+__all__ = ["EVENTS", "dlock"]
+
+#: The counters ``celery dlock stats`` shows, in this order, per task.
+EVENTS: Final = ("acquired", "busy", "requeued", "skipped", "lost", "released", "parked", "coalesced")
+
+_LIST_COLUMNS: Final = ("KEY", "TASK", "TASK ID", "HOST", "PID", "TOKEN", "TTL", "HELD")
+
+_VERDICT_COLOURS: Final = {Verdict.OK: "green", Verdict.WARN: "yellow", Verdict.FAIL: "red"}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class DLockCommand(CeleryCommand):  # type: ignore[misc]
+    """A Celery command that turns an unreachable lock service into a clean exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; exit with EX_UNAVAILABLE if no lock node answers."""
+        try:
+            return super().invoke(ctx)
+        except (LockUnavailable, RedisError) as exc:
+            raise CeleryCommandException(
+                message=f"the lock service cannot be reached: {exc}", exit_code=EX_UNAVAILABLE
+            ) from exc
+
+
+def _json_option(command: F) -> F:
+    return click.option(
+        "--json",
+        "as_json",
+        cls=CeleryOption,
+        is_flag=True,
+        help_group="Output Options",
+        help="Print JSON instead of text.",
+    )(command)
+
+
+def _yes_option(command: F) -> F:
+    return click.option(
+        "-y",
+        "--yes",
+        cls=CeleryOption,
+        is_flag=True,
+        help_group="Release Options",
+        help="Do not ask for confirmation.",
+    )(command)
+
+
+@click.group(name="dlock")
+def dlock() -> None:
+    """Inspect and manage celery_dlock's single-flight locks."""
+
+
+@dlock.command(name="list", cls=DLockCommand)
+@click.argument("pattern", default="*")
+@_json_option
+@click.pass_context
+def list_(ctx: click.Context, pattern: str, as_json: bool) -> None:
+    """List held locks, or those whose key matches PATTERN.
+
+    PATTERN is a Redis glob such as 'ledger:*'; by default every lock is listed.
+
+    The task name shows as '-' unless the holder recorded it: a lock stores
+    its task id, and a handoff reservation the task of its parked message.
+    """
+    found = held_locks(_app(ctx), pattern)
+    if as_json:
+        _echo_json(ctx, [lock.as_dict() for lock in found])
+    elif found:
+        ctx.obj.echo(_lock_table(found))
+    else:
+        ctx.obj.echo(f"no held locks match {pattern!r}")
+
+
+@dlock.command(cls=DLockCommand)
+@click.argument("key")
+@_json_option
+@click.pass_context
+def show(ctx: click.Context, key: str, as_json: bool) -> None:
+    """Show the lock on KEY in full, with the messages parked behind it."""
+    app = _app(ctx)
+    lock = lock_details(app, key)
+    tickets = parked_tickets(app, key)
+    if as_json:
+        _echo_json(ctx, {"lock": lock.as_dict() if lock else None, "parked": [asdict(t) for t in tickets]})
+    else:
+        ctx.obj.echo(_describe(lock) if lock else f"lock {key!r} is not held")
+        if tickets:
+            ctx.obj.echo(f"parked: {len(tickets)} message(s), next first")
+            for number, parked in enumerate(tickets, 1):
+                ctx.obj.echo(f"  {number}. {parked.ticket}  {parked.task or '-'}")
+    if lock is None and not tickets:
+        ctx.exit(1)
+
+
+@dlock.command(cls=DLockCommand)
+@click.argument("key")
+@_yes_option
+@click.pass_context
+def release(ctx: click.Context, key: str, yes: bool) -> None:
+    """Force-release the lock on KEY, whoever holds it.
+
+    Its holder, if still running, is no longer protected.  Messages parked
+    behind the lock are handed on at once.
+    """
+    app = _app(ctx)
+    lock = lock_details(app, key)
+    if lock is None:
+        ctx.obj.error(f"lock {key!r} is not held")
+        ctx.exit(1)
+    _confirm(ctx, [lock], yes)
+    _echo_released(ctx, force_release(app, [key]))
+
+
+@dlock.command(cls=DLockCommand)
+@click.option(
+    "--prefix",
+    required=True,
+    cls=CeleryOption,
+    help_group="Release Options",
+    help="Release every lock whose key starts with this.",
+)
+@_yes_option
+@click.pass_context
+def purge(ctx: click.Context, prefix: str, yes: bool) -> None:
+    """Force-release every lock whose key starts with --prefix."""
+    if not prefix:
+        raise click.BadParameter("must not be empty", param_hint="--prefix")
+    app = _app(ctx)
+    found = [lock for lock in held_locks(app, glob_escape(prefix) + "*") if lock.key.startswith(prefix)]
+    if not found:
+        ctx.obj.echo(f"no held locks start with {prefix!r}")
+        return
+    _confirm(ctx, found, yes)
+    released = force_release(app, [lock.key for lock in found])
+    _echo_released(ctx, released)
+    ctx.obj.echo(f"released {len(released.removed)} lock(s)")
+
+
+@dlock.command(cls=DLockCommand)
+@_json_option
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Show the lock counters of each task: acquired, busy, requeued..."""
+    counters = locks_for(_app(ctx)).redlock.stats()
+    events = [*EVENTS, *sorted({event for counts in counters.values() for event in counts} - set(EVENTS))]
+    table = {task: {event: counts.get(event, 0) for event in events} for task, counts in sorted(counters.items())}
+    if as_json:
+        _echo_json(ctx, table)
+    elif table:
+        rows = [[task, *(str(n) for n in counts.values())] for task, counts in table.items()]
+        ctx.obj.echo(_table(["TASK", *(event.upper() for event in events)], rows))
+    else:
+        ctx.obj.echo("no counters yet")
+
+
+@dlock.command(cls=DLockCommand)
+@_json_option
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool) -> None:
+    """Check the settings, the lock nodes and the tasks' timings.
+
+    Prints one line per check, OK, WARN or FAIL, and exits with status 1 if
+    any check failed.
+    """
+    app = ctx.obj.app
+    app.loader.import_default_modules()
+    checks = diagnose(app)
+    verdict = worst(checks)
+    if as_json:
+        _echo_json(ctx, {"verdict": verdict.value, "checks": [check.as_dict() for check in checks]})
+    else:
+        _echo_checks(ctx, checks)
+    if verdict is Verdict.FAIL:
+        ctx.exit(EX_FAILURE)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _app(ctx: click.Context) -> Any:
+    """The app, once its dlock settings and nodes are known to be valid."""
+    app = ctx.obj.app
+    try:
+        locks_for(app).redlock  # noqa: B018 - builds the nodes, which checks them
+    except ValueError as exc:  # a ConfigurationError, a node given twice, a bad URL
+        raise CeleryCommandException(
+            message=f"bad dlock settings: {exc} (see 'celery dlock doctor')", exit_code=EX_FAILURE
+        ) from exc
+    return app
+
+
+def _confirm(ctx: click.Context, locks: Sequence[HeldLock], yes: bool) -> None:
+    """Show what is about to be released, and ask unless ``yes``."""
+    ctx.obj.echo(_lock_table(locks))
+    if not yes:
+        click.confirm(
+            f"Force-release {len(locks)} lock(s)? Their holders, if still running, are no longer protected.",
+            abort=True,
+        )
+
+
+def _echo_released(ctx: click.Context, released: Released) -> None:
+    for key, holder in released.removed.items():
+        ctx.obj.echo(f"released {key!r}: token {holder.get('token', '?')}, held by {_holder(holder)}")
+    for handoff in released.handoffs:
+        ctx.obj.echo(f"handed on parked message {handoff.ticket} of {handoff.key!r}")
+
+
+def _echo_checks(ctx: click.Context, checks: Sequence[Check]) -> None:
+    """One line per check, its verdict coloured, then the totals."""
+    for check in checks:
+        label = ctx.obj.style(f"{check.verdict.value:<4}", fg=_VERDICT_COLOURS[check.verdict], bold=True)
+        subject = f"{check.subject}: " if check.subject else ""
+        ctx.obj.echo(f"{label}  {check.name:<11}  {subject}{check.detail}")
+    counts = {verdict: sum(1 for check in checks if check.verdict is verdict) for verdict in Verdict}
+    ctx.obj.echo(f"{counts[Verdict.OK]} ok, {counts[Verdict.WARN]} warning(s), {counts[Verdict.FAIL]} failure(s)")
+
+
+def _holder(holder: dict[str, Any]) -> str:
+    if "handoff" in holder:
+        return f"a reservation for parked ticket {holder['handoff']}"
+    who = holder.get("label") or "an untagged holder"
+    return f"{who} on {holder.get('hostname', '?')} pid {holder.get('pid', '?')}"
+
+
+def _lock_table(locks: Sequence[HeldLock]) -> str:
+    return _table(_LIST_COLUMNS, [_lock_row(lock) for lock in locks])
+
+
+def _lock_row(lock: HeldLock) -> list[str]:
+    task_id = f"{lock.task_id} (handoff)" if lock.reserved_for else lock.task_id
+    return [
+        lock.key,
+        lock.task or "-",
+        task_id or "-",
+        lock.hostname or "-",
+        str(lock.pid) if lock.pid is not None else "-",
+        str(lock.token),
+        _duration(lock.ttl_left),
+        _duration(lock.held_for),
+    ]
+
+
+def _describe(lock: HeldLock) -> str:
+    shown = ("hostname", "pid", "label", "task", "acquired_at", "handoff")
+    extra = {name: value for name, value in lock.meta.items() if name not in shown}
+    reserved = f"yes, for parked ticket {lock.reserved_for}" if lock.reserved_for else "no"
+    rows = [
+        ("key", lock.key),
+        ("task", lock.task or "-"),
+        ("task id", lock.task_id or "-"),
+        ("hostname", lock.hostname or "-"),
+        ("pid", str(lock.pid) if lock.pid is not None else "-"),
+        ("token", str(lock.token)),
+        ("ttl left", _duration(lock.ttl_left)),
+        ("held for", _duration(lock.held_for)),
+        ("acquired", _timestamp(lock.meta.get("acquired_at"))),
+        ("nodes", f"{lock.nodes} of {lock.of_nodes}"),
+        ("handoff", reserved),
+        *((name, json.dumps(value)) for name, value in sorted(extra.items())),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in [headers, *rows]
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _timestamp(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+
+
+def _echo_json(ctx: click.Context, data: Any) -> None:
+    ctx.obj.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
