@@ -179,6 +179,7 @@ class SingleFlight:
                     owner_prefix=owner_prefix(task_id, hostname),
                     on_lost=on_lost,
                     count_as=_label(task, self),
+                    details={"task": _label(task, self)},
                 )
         except LockBusy as busy:
             self._busy(task, app, request, policy, busy)
@@ -205,7 +206,7 @@ class SingleFlight:
                 lock.release_nowait()
             handoff = getattr(lock, "handoff", None)
             if handoff is not None:
-                publish_handoff(app, handoff)
+                _hand_on(app, handoff)
 
     def release_dead_run(
         self, task: Any, task_id: str, hostname: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]
@@ -248,6 +249,7 @@ class SingleFlight:
                     label=request.id,
                     owner_prefix=owner_prefix(request.id, request.hostname),
                     count_as=task.name,
+                    details={"task": task.name},
                 )
             except AlreadyClaimed:
                 logger.info("dropped a second copy of handed-off %s", _describe(task, request.id))
@@ -385,6 +387,19 @@ def publish_handoff(app: Any, handoff: Handoff) -> None:
     headers[TICKET_HEADER] = f"{handoff.ticket}@{options.get('retries', 0)}"
     options.pop("task_id", None)
     signature.apply_async(task_id=handoff.ticket, headers=headers, **options)
+
+
+def _hand_on(app: Any, handoff: Handoff) -> None:
+    """Publish a handoff from a body's ``finally``, never failing the body for it.
+
+    If the broker refuses it, the ticket stays at the head of its queue and
+    the key stays reserved for it; the worker's sweep hands it on again once
+    the reservation runs out.
+    """
+    try:
+        publish_handoff(app, handoff)
+    except Exception:
+        logger.exception("could not hand %r on to %s; the sweep will retry", handoff.key, handoff.ticket)
 
 
 def _message_of(task: Any, request: Any) -> bytes:

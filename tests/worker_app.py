@@ -11,6 +11,8 @@ path (see :mod:`celery_workers`).  Everything comes from the environment:
 * ``DLOCK_TEST_VISIBILITY_TIMEOUT``: the Redis broker's ``visibility_timeout``
   in seconds, with unacked messages scanned for every second so that
   redelivery happens within a test.
+* ``DLOCK_TEST_SWEEP_INTERVAL``: ``dlock_sweep_interval``, the seconds between
+  the worker's sweeps of handoff queues whose holder died.
 
 Every task body runs inside :func:`section`, which pushes one JSON line to
 the ``runs`` list when the body starts (task id, key, token, pid, node,
@@ -37,7 +39,7 @@ from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from critical_sections import HISTORY
 
 from celery_dlock import Lock, current_lock, single_flight
-from celery_dlock.guard import REQUEUES_HEADER
+from celery_dlock.guard import REQUEUES_HEADER, TICKET_HEADER
 
 BROKER_URL = os.environ.get("DLOCK_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
 LOCK_URLS = [url for url in os.environ.get("DLOCK_TEST_LOCK_URLS", BROKER_URL).split(",") if url]
@@ -291,3 +293,85 @@ def long_once_skip(self: Task, key: str, first: float = 6.0, again: float = 0.1)
     with section(self, key) as lock:
         time.sleep(first if _first_time(self) else again)
     return lock.token if lock else 0
+
+
+# -- handoff queues: on_busy="queue" and "coalesce" (test_handoff_worker.py) -----------
+
+SWEEP_INTERVAL = os.environ.get("DLOCK_TEST_SWEEP_INTERVAL")
+if SWEEP_INTERVAL:
+    app.conf.dlock_sweep_interval = float(SWEEP_INTERVAL)
+
+#: A test header that a parked message must keep when it is handed off.
+CUSTOM_HEADER = "x-dlock-test"
+
+
+def delivery(task: Task, **fields: Any) -> dict[str, Any]:
+    """How this copy of the message arrived: a task's return value, read by the tests."""
+    request = task.request
+    info = request.delivery_info or {}
+    headers = request.headers or {}
+    lock = current_lock()
+    return {
+        "id": request.id,
+        "token": lock.token if lock is not None else 0,
+        "ticket": headers.get(TICKET_HEADER),
+        "custom": headers.get(CUSTOM_HEADER),
+        "routing_key": info.get("routing_key"),
+        "exchange": info.get("exchange"),
+        "priority": info.get("priority"),
+        "pid": os.getpid(),
+        **fields,
+    }
+
+
+def wait_for_flag(flag: str | None, timeout: float = 60.0) -> None:
+    """Block until the test sets the recorder key ``flag`` (at most ``timeout`` seconds)."""
+    if flag is None:
+        return
+    deadline = time.monotonic() + timeout
+    while not recorder().exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@app.task(name="wa.queue_section", bind=True)
+@single_flight(key="{key}", ttl=30, on_busy="queue")
+def queue_section(self: Task, key: str, hold: float = 0.02, flag: str | None = None) -> dict[str, Any]:
+    with section(self, key):
+        wait_for_flag(flag)
+        time.sleep(hold)
+    return delivery(self)
+
+
+@app.task(name="wa.queue_short_ttl", bind=True)
+@single_flight(key="{key}", ttl=2, on_busy="queue")
+def queue_short_ttl(self: Task, key: str, hold: float = 0.02, flag: str | None = None) -> dict[str, Any]:
+    # Its release reserves the key for the next parked message for ttl=2 s.
+    with section(self, key):
+        wait_for_flag(flag)
+        time.sleep(hold)
+    return delivery(self)
+
+
+@app.task(name="wa.coalesce_section", bind=True)
+@single_flight(key="{key}", ttl=30, on_busy="coalesce")
+def coalesce_section(self: Task, key: str, n: int, flag: str | None = None) -> dict[str, Any]:
+    with section(self, key):
+        wait_for_flag(flag)
+    return delivery(self, n=n)
+
+
+@app.task(name="wa.queue_small", bind=True)
+@single_flight(key="{key}", ttl=30, on_busy="queue", max_queued=3)
+def queue_small(self: Task, key: str, flag: str | None = None) -> dict[str, Any]:
+    # A full queue falls back to a requeue (app-wide delays 0.05 to 0.5 s).
+    with section(self, key):
+        wait_for_flag(flag)
+    return delivery(self)
+
+
+@app.task(name="wa.queue_small_reject", bind=True)
+@single_flight(key="{key}", ttl=30, on_busy="queue", max_queued=3, queue_full="reject")
+def queue_small_reject(self: Task, key: str, flag: str | None = None) -> dict[str, Any]:
+    with section(self, key):
+        wait_for_flag(flag)
+    return delivery(self)
