@@ -60,8 +60,12 @@ def spawn(command: list[str], log: Path, **kwargs: Any) -> subprocess.Popen[byte
         # A session of its own: Ctrl-C in the terminal reaches only this
         # script, which then stops the children in order (worker, then Redis).
         proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, **kwargs,
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **kwargs,
         )
     _children.append(proc)
     return proc
@@ -74,8 +78,6 @@ def tail(path: Path, lines: int = 25) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(f"    {line}" for line in text) or "(empty log)"
-
-
 
 
 def find_redis_server() -> str:

@@ -33,9 +33,7 @@ class Section:
     exit: int
 
 
-def run_sections(
-    node_urls: Sequence[str], recorder_url: str, key: str, rounds: int, hold: float = 0.001
-) -> int:
+def run_sections(node_urls: Sequence[str], recorder_url: str, key: str, rounds: int, hold: float = 0.001) -> int:
     """Enter the critical section on ``key`` ``rounds`` times; returns how many ran."""
     redlock = Redlock(list(node_urls), retry_count=1000, retry_delay=0.01, retry_jitter=0.01)
     recorder = redis.Redis.from_url(recorder_url)

@@ -239,10 +239,7 @@ class RedisServer:
                 self._spawn_and_wait()
             except _PortInUseError:
                 if attempt == attempts:
-                    raise RuntimeError(
-                        f"redis-server could not bind port {self.port}:\n"
-                        f"{self.log_tail()}"
-                    ) from None
+                    raise RuntimeError(f"redis-server could not bind port {self.port}:\n{self.log_tail()}") from None
                 for name in _LOG_NAMES:
                     (self.dir / name).unlink(missing_ok=True)
                 self.port = free_port()
@@ -272,8 +269,7 @@ class RedisServer:
                     if "Address already in use" in self.log_tail():
                         raise _PortInUseError
                     raise RuntimeError(
-                        f"redis-server exited with status {proc.returncode} "
-                        f"during startup:\n{self.log_tail()}"
+                        f"redis-server exited with status {proc.returncode} during startup:\n{self.log_tail()}"
                     )
                 try:
                     if probe.info("server")["process_id"] == proc.pid:
@@ -440,9 +436,7 @@ class RedisCluster:
         extra_args: Arguments given to every node started by :meth:`start`.
     """
 
-    def __init__(
-        self, extra_args: Sequence[str] = (), *, binary: str | None = None
-    ) -> None:
+    def __init__(self, extra_args: Sequence[str] = (), *, binary: str | None = None) -> None:
         """Prepare an empty group.
 
         Args:

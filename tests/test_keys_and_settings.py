@@ -178,7 +178,9 @@ def test_defaults_and_redis_url_fallbacks() -> None:
     fallback = app_with(broker_url="amqp://guest@localhost//", result_backend="redis://r:3/4")
     assert Settings.from_app(fallback).redis_url == ("redis://r:3/4",)
     assert Settings.from_app(app_with(dlock_redis_url=["redis://a:1", "redis://b:1", "redis://c:1"])).redis_url == (
-        "redis://a:1", "redis://b:1", "redis://c:1",
+        "redis://a:1",
+        "redis://b:1",
+        "redis://c:1",
     )
     assert Settings.from_app(app_with(DLOCK_ON_BUSY="skip")).on_busy == "skip"
 

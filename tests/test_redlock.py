@@ -139,8 +139,7 @@ def test_acquire_is_idempotent_for_its_own_owner(redis_nodes3: RedisCluster) -> 
 def test_mutual_exclusion_across_threads(redis_nodes, redis_server: RedisServer, size: int) -> None:
     nodes = redis_nodes(size)
     threads = [
-        threading.Thread(target=run_sections, args=(nodes.urls, redis_server.url, "shared", 15))
-        for _ in range(6)
+        threading.Thread(target=run_sections, args=(nodes.urls, redis_server.url, "shared", 15)) for _ in range(6)
     ]
     for thread in threads:
         thread.start()
@@ -157,9 +156,7 @@ def test_mutual_exclusion_across_threads(redis_nodes, redis_server: RedisServer,
 def test_mutual_exclusion_across_processes(redis_nodes3: RedisCluster, redis_server: RedisServer) -> None:
     context = multiprocessing.get_context("spawn")
     with context.Pool(4) as pool:
-        done = pool.starmap(
-            run_sections, [(redis_nodes3.urls, redis_server.url, "shared", 20)] * 4
-        )
+        done = pool.starmap(run_sections, [(redis_nodes3.urls, redis_server.url, "shared", 20)] * 4)
     assert done == [20, 20, 20, 20]
     recorder = redis_server.client()
     sections = read_sections(recorder)
@@ -427,7 +424,10 @@ def test_watchdog_stops_at_max_hold(redis_node1: RedisCluster) -> None:
     errors: list[DLockError] = []
     redlock = Redlock(redis_node1.urls, watchdog=Watchdog())
     lock = redlock.acquire(
-        "capped", ttl=0.2, auto_extend=True, max_hold=0.5,
+        "capped",
+        ttl=0.2,
+        auto_extend=True,
+        max_hold=0.5,
         on_lost=lambda lock, error: errors.append(error),
     )
     assert wait_for(lambda: bool(errors), timeout=5)  # lost turns true a moment before the callback

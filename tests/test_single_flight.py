@@ -165,9 +165,20 @@ def define(app: Celery, recorder: redis.Redis) -> SimpleNamespace:
         return x * 2
 
     return SimpleNamespace(
-        charge=charge, waiter=waiter, skipper=skipper, raiser=raiser, capped=capped,
-        wait_then_skip=wait_then_skip, based=based, sync=sync, above=above, retrying=retrying,
-        leaving=leaving, losing=losing, hashed=hashed, plain=plain,
+        charge=charge,
+        waiter=waiter,
+        skipper=skipper,
+        raiser=raiser,
+        capped=capped,
+        wait_then_skip=wait_then_skip,
+        based=based,
+        sync=sync,
+        above=above,
+        retrying=retrying,
+        leaving=leaving,
+        losing=losing,
+        hashed=hashed,
+        plain=plain,
     )
 
 
@@ -386,9 +397,7 @@ def test_fail_open_runs_unlocked_with_a_warning(celery_app, recorder, caplog) ->
     task_logger = logging.getLogger("celery_dlock.guard")  # the worker gives task loggers its level
     task_logger.addHandler(caplog.handler)
     try:
-        with start_worker(
-            celery_app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"
-        ):
+        with start_worker(celery_app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"):
             assert guarded.delay(1).get(timeout=20) == "ran"
     finally:
         task_logger.removeHandler(caplog.handler)

@@ -44,8 +44,6 @@ SENT = re.compile(r"Sending due task append-line \(\S+\) for (\S+)")
 TAKEN = re.compile(r"append-line for (\S+) already claimed by")
 
 
-
-
 class Child:
     """``python -m celery -A tasks ...`` in the demo's directory, logging to a file."""
 
