@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import logging
 import random
@@ -129,7 +130,7 @@ class SingleFlight:
         """Whether the guarded function takes the task as its first argument."""
         if self.bound is not None:
             return self.bound
-        return task is not None and not isinstance(inspect.getattr_static(type(task), "run", None), staticmethod)
+        return task is not None and _runs_bound(type(task))
 
     def policy(self, locks: AppLocks) -> Policy:
         """The options in force, resolved against the app's settings once."""
@@ -464,6 +465,12 @@ def _give_up(cause: DLockError, done: int, limit: int) -> DLockError:
         return LockBusy.for_key(cause.key or "", attempts=done, holder=cause.holder, detail=detail)
     errors = cause.errors if isinstance(cause, LockUnavailable) else ()
     return LockUnavailable.for_key(cause.key, attempts=done, errors=errors, reason=f"unreachable; {detail}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _runs_bound(task_class: type) -> bool:
+    """Whether a task class's ``run`` takes the task first (``bind=True``)."""
+    return not isinstance(inspect.getattr_static(task_class, "run", None), staticmethod)
 
 
 def _label(task: Any, guard: SingleFlight) -> str:

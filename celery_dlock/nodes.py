@@ -65,10 +65,8 @@ def pack(*args: str | bytes | int) -> bytes:
     """Encode one command in RESP, ready to send to any node."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n" % len(data))
-        parts.append(data)
-        parts.append(b"\r\n")
+        data = arg if type(arg) is bytes else str(arg).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
 
 
