@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import inspect
 import logging
 import random
@@ -467,10 +466,15 @@ def _give_up(cause: DLockError, done: int, limit: int) -> DLockError:
     return LockUnavailable.for_key(cause.key, attempts=done, errors=errors, reason=f"unreachable; {detail}")
 
 
-@functools.lru_cache(maxsize=1024)
+_binds_run: dict[type, bool] = {}
+
+
 def _runs_bound(task_class: type) -> bool:
     """Whether a task class's ``run`` takes the task first (``bind=True``)."""
-    return not isinstance(inspect.getattr_static(task_class, "run", None), staticmethod)
+    bound = _binds_run.get(task_class)
+    if bound is None:
+        bound = _binds_run[task_class] = not isinstance(inspect.getattr_static(task_class, "run", None), staticmethod)
+    return bound
 
 
 def _label(task: Any, guard: SingleFlight) -> str:
