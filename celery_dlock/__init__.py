@@ -19,22 +19,29 @@ from .errors import (
     LockUnavailable,
     TaskSkipped,
 )
+from .handoff import AlreadyClaimed, Handoff, HandoffQueue, QueueFull
 from .redlock import Lock, Redlock
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
+    from .beat import MultiBeatScheduler
     from .decorators import single_flight
     from .guard import current_lock
     from .options import SingleFlightOptions
     from .task import SingleFlightTask
 
 __all__ = [
+    "AlreadyClaimed",
     "ConfigurationError",
     "DLockError",
+    "Handoff",
+    "HandoffQueue",
     "Lock",
     "LockBusy",
     "LockLost",
     "LockUnavailable",
+    "MultiBeatScheduler",
+    "QueueFull",
     "Redlock",
     "SingleFlightOptions",
     "SingleFlightTask",
@@ -47,6 +54,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _CELERY_NAMES = {
+    "MultiBeatScheduler": ".beat",
     "SingleFlightTask": ".task",
     "SingleFlightOptions": ".options",
     "current_lock": ".guard",

@@ -53,3 +53,11 @@ def test_readme_settings_table_matches_the_reference() -> None:
     readme = (DOCS.parent / "README.md").read_text()
     section = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
     assert set(re.findall(r"^\| `(dlock_\w+)`", section, re.MULTILINE)) == set(Settings.names())
+
+
+def test_every_public_name_is_exported_with_a_docstring() -> None:
+    import celery_dlock
+
+    for name in celery_dlock.__all__:
+        value = getattr(celery_dlock, name)
+        assert (value.__doc__ or "").strip(), f"celery_dlock.{name} has no docstring"
