@@ -131,14 +131,13 @@ class HandoffQueue:
         )
         outcome = reply[0]
         if outcome == 1:
-            drift = ttl * self.redlock.drift_factor + 0.002
             lock = QueuedLock(
                 self.redlock,
                 key,
                 owner,
                 int(reply[1]),
                 ttl,
-                started + ttl - drift,
+                self.redlock._valid_until(started, ttl),
                 label=label,
                 on_lost=on_lost,
                 max_hold=max_hold,

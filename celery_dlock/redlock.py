@@ -593,7 +593,7 @@ class Redlock:
         if len(tokens) >= self.quorum:
             token = max(tokens.values())
             if self._fence(token, tokens):
-                valid_until = started + ttl - (ttl * self.drift_factor + _DRIFT_FLOOR)
+                valid_until = self._valid_until(started, ttl)
                 if time.monotonic() < valid_until:
                     return token, valid_until
                 reason = "the lease ran out while acquiring"
@@ -640,7 +640,7 @@ class Redlock:
         command = pack("EVALSHA", scripts.EXTEND.sha, 1, self._lock_key(key), owner, math.ceil(ttl * 1000))
         replies = self._broadcast(command, granted=lambda r: r == 1)
         extended = sum(1 for r in replies if r == 1)
-        valid_until = started + ttl - (ttl * self.drift_factor + _DRIFT_FLOOR)
+        valid_until = self._valid_until(started, ttl)
         if extended >= self.quorum and time.monotonic() < valid_until:
             return valid_until
         if sum(1 for r in replies if r == 0) > len(self.nodes) - self.quorum:
@@ -709,6 +709,10 @@ class Redlock:
             for node, reply in zip(self.nodes, replies, strict=True)
             if isinstance(reply, BaseException)
         ]
+
+    def _valid_until(self, started: float, ttl: float) -> float:
+        """When a lease of ``ttl`` granted after ``started`` stops being safe to rely on."""
+        return started + ttl - (ttl * self.drift_factor + _DRIFT_FLOOR)
 
     def _lock_key(self, key: str) -> str:
         return f"{self.key_prefix}lock:{key}"
