@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final
 
 from .errors import ConfigurationError
+from .nodes import parse_url
 
 __all__ = ["BUSY_POLICIES", "FAIL_MODES", "QUEUE_FULL", "WAIT_FALLBACKS", "Settings", "broker_visibility_timeout"]
 
@@ -148,6 +149,10 @@ def check_redis_url(name: str, value: Any) -> tuple[str, ...]:
     for url in urls:
         if not isinstance(url, str) or url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
             raise ConfigurationError(f"{name}: {url!r} is not a redis://, rediss:// or unix:// URL")
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"{name}: {exc}".replace("nodes: ", "")) from None
     return tuple(urls)
 
 

@@ -118,7 +118,7 @@ class LockUnavailable(DLockError):
         reason: str = "no quorum of nodes answered",
     ) -> LockUnavailable:
         """The error for ``key``, with a message listing the failed nodes."""
-        detail = "; ".join(f"{node}: {err!r}" for node, err in errors)
+        detail = "; ".join(f"{node}: {type(err).__name__}: {err}" for node, err in errors)
         subject = f"lock {key!r}" if key is not None else "the lock service"
         message = f"{subject} unavailable: {reason} after {attempts} attempt(s)"
         return cls(

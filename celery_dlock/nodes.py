@@ -27,14 +27,14 @@ from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import ConnectionPool
+from redis.connection import ConnectionPool, SSLConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from . import scripts
 
-__all__ = ["NO_REPLY", "Node", "Reply", "fan_out", "pack"]
+__all__ = ["NO_REPLY", "Node", "Reply", "fan_out", "pack", "parse_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +85,16 @@ class Connection(Protocol):
 class _Link:
     """A connection of one thread to one node, and its unread reply count."""
 
-    __slots__ = ("conn", "pid", "sent", "stale")
+    __slots__ = ("conn", "pid", "sent", "stale", "used")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.pid = os.getpid()
         self.stale = 0
         self.sent = b""
+        #: Whether a reply has come back on it: a connection that has worked
+        #: before and fails now was most likely closed by a server restart.
+        self.used = False
 
 
 class Node:
@@ -107,7 +110,7 @@ class Node:
         if isinstance(spec, redis.Redis):
             pool = spec.connection_pool
         elif isinstance(spec, str):
-            pool = _pool_from_url(spec)
+            pool = parse_url(spec)
         else:
             raise TypeError(f"nodes: expected a Redis URL or a redis.Redis client, got {type(spec).__name__}")
         kwargs = dict(pool.connection_kwargs)
@@ -127,7 +130,7 @@ class Node:
         self._connection_class = pool.connection_class
         self._connection_kwargs = kwargs
         #: A printable name with no password, such as ``redis://127.0.0.1:6379/0``.
-        self.name = _describe(kwargs)
+        self.name = _describe(kwargs, pool.connection_class)
         self._local = threading.local()
         self._cooldown_until = 0.0
         self._cooldown = 0.0
@@ -165,7 +168,9 @@ class Node:
             link.conn.send_packed_command([packed], check_health=False)
         except RedisError as exc:
             self._fail(link, exc)
-            raise
+            if not _reconnectable(link, exc):
+                raise
+            self.send(packed)  # once, on a fresh connection
 
     def fileno(self) -> int:
         """The file descriptor of this thread's connection, for polling."""
@@ -182,27 +187,41 @@ class Node:
         link: _Link = self._local.link
         conn = link.conn
         try:
-            if link.stale:
-                while link.stale:
-                    if not block and not conn.can_read(0):
-                        return NO_REPLY
-                    with contextlib.suppress(ResponseError):  # a stale reply's error is not ours
-                        conn.read_response()
-                    link.stale -= 1
-                if not block and not conn.can_read(0):
-                    return NO_REPLY
+            if link.stale and not self._skip_stale(link, block):
+                return NO_REPLY
             try:
-                return conn.read_response()
+                reply = conn.read_response()
             except NoScriptError:
                 # Someone ran SCRIPT FLUSH since we connected: load and resend once.
                 self._load_scripts(conn)
                 conn.send_packed_command([link.sent], check_health=False)
-                return conn.read_response()
+                reply = conn.read_response()
+            link.used = True
+            return reply
         except ResponseError as exc:
             return exc
         except RedisError as exc:
             self._fail(link, exc)
+            if not _reconnectable(link, exc):
+                return exc
+        # Every command sent is safe to repeat (acquire is idempotent for its
+        # owner; release and extend check the owner), so resend it once.
+        try:
+            self.send(link.sent)
+        except RedisError as exc:
             return exc
+        return self.read(block=True)
+
+    def _skip_stale(self, link: _Link, block: bool) -> bool:
+        """Read past unread older replies; False if ours cannot be read yet."""
+        conn = link.conn
+        while link.stale:
+            if not block and not conn.can_read(0):
+                return False
+            with contextlib.suppress(ResponseError):  # a stale reply's error is not ours
+                conn.read_response()
+            link.stale -= 1
+        return block or conn.can_read(0)
 
     def execute(self, packed: bytes) -> Reply:
         """Send one command and wait for its reply (returned, even if an error)."""
@@ -262,6 +281,11 @@ class Node:
         logger.debug("node %s failed: %r", self.name, exc)
 
 
+def _reconnectable(link: _Link, exc: BaseException) -> bool:
+    """Whether a failure is the server having closed a connection that worked."""
+    return link.used and isinstance(exc, redis.ConnectionError) and not isinstance(exc, RedisTimeoutError)
+
+
 def fan_out(
     calls: Sequence[tuple[Node, bytes]],
     *,
@@ -316,7 +340,8 @@ def fan_out(
     return replies
 
 
-def _pool_from_url(url: str) -> ConnectionPool:
+def parse_url(url: str) -> ConnectionPool:
+    """A connection pool for ``url``; ``ValueError`` naming ``nodes`` if it is malformed."""
     try:
         parts = urlsplit(url)
         if parts.scheme in ("redis", "rediss"):
@@ -336,7 +361,8 @@ def _mask(url: str) -> str:
     return url
 
 
-def _describe(kwargs: dict[str, Any]) -> str:
+def _describe(kwargs: dict[str, Any], connection_class: type) -> str:
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
-    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+    scheme = "rediss" if issubclass(connection_class, SSLConnection) else "redis"
+    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

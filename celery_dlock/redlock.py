@@ -299,14 +299,8 @@ class Redlock:
             raise TypeError(f"nodes: expected a sequence of Redis URLs or clients, got {type(nodes).__name__}")
         if not nodes:
             raise ValueError("nodes: at least one Redis node is required")
-        _check_int("retry_count", retry_count, minimum=0)
-        _check_number("retry_delay", retry_delay, minimum=0)
-        _check_number("retry_jitter", retry_jitter, minimum=0)
-        _check_number("drift_factor", drift_factor, minimum=0, below=1)
-        _check_number("socket_timeout", socket_timeout, minimum=0, exclusive=True)
-        _check_number("extend_every", extend_every, minimum=0, exclusive=True, below=1)
-        if not isinstance(key_prefix, str):
-            raise TypeError(f"key_prefix: expected str, got {type(key_prefix).__name__}")
+        _check_options(retry_count, retry_delay, retry_jitter, drift_factor, socket_timeout, extend_every)
+        _check_text("key_prefix", key_prefix)
 
         self.nodes = [Node(spec, socket_timeout=socket_timeout) for spec in nodes]
         seen: dict[tuple[str, ...], Node] = {}
@@ -368,16 +362,7 @@ class Redlock:
         """
         _check_key(key)
         ttl = _check_ttl(ttl)
-        if timeout is not None:
-            _check_number("timeout", timeout, minimum=0)
-        if max_hold is not None:
-            _check_number("max_hold", max_hold, minimum=0, exclusive=True)
-        if on_lost is not None and not callable(on_lost):
-            raise TypeError("on_lost: expected a callable")
-        if label is not None and not isinstance(label, str):
-            raise TypeError(f"label: expected str, got {type(label).__name__}")
-        if not isinstance(owner_prefix, str):
-            raise TypeError(f"owner_prefix: expected str, got {type(owner_prefix).__name__}")
+        _check_acquire_options(timeout, max_hold, on_lost, label, owner_prefix, count_as)
 
         owner = owner_prefix + secrets.token_hex(16)
         meta = _metadata(label, details)
@@ -599,13 +584,13 @@ class Redlock:
                 reason = "the lease ran out while acquiring"
             else:
                 reason = "the fencing token could not be stored on a quorum"
-            self._release(key, owner, self.nodes)
+            self._release(key, owner, self.nodes, notify=False)
             return LockUnavailable.for_key(key, attempts=attempt, errors=self._errors(replies), reason=reason)
 
         busy = [r for r in replies if _is_refused(r)]
         maybe_ours = [node for node, r in zip(self.nodes, replies, strict=True) if not _is_refused(r)]
         if maybe_ours:
-            self._release(key, owner, maybe_ours)
+            self._release(key, owner, maybe_ours, notify=False)
         if len(tokens) + len(busy) < self.quorum:
             return LockUnavailable.for_key(key, attempts=attempt, errors=self._errors(replies))
         holder = next((_parse_metadata(r[1]) for r in busy if r[1]), None)
@@ -650,26 +635,28 @@ class Redlock:
         )
 
     def _release(
-        self, key: str, owner: str, nodes: Sequence[Node] | None = None, *, count_as: str | None = None
+        self,
+        key: str,
+        owner: str,
+        nodes: Sequence[Node] | None = None,
+        *,
+        notify: bool = True,
+        count_as: str | None = None,
     ) -> bool:
         """Delete the lock wherever ``owner`` still holds it.
 
-        Returns True when a quorum confirmed.  With ``nodes`` given (cleaning
-        up a failed attempt) it sends to those nodes only and does not wait:
-        their replies are skipped on the next call.
+        Returns True when a quorum confirmed.  With ``nodes`` given it sends to
+        those nodes only and does not wait: their replies are skipped on the
+        next call.  ``notify=False`` wakes no waiter: for cleaning up a failed
+        attempt, which a waiter would otherwise take for a release and retry
+        at once, again and again.
         """
+        channel = self._channel(key) if notify else ""
         if count_as is None:
-            command = pack("EVALSHA", scripts.RELEASE.sha, 1, self._lock_key(key), owner, self._channel(key))
+            command = pack("EVALSHA", scripts.RELEASE.sha, 1, self._lock_key(key), owner, channel)
         else:
             command = pack(
-                "EVALSHA",
-                scripts.RELEASE.sha,
-                2,
-                self._lock_key(key),
-                self._stats_key,
-                owner,
-                self._channel(key),
-                count_as,
+                "EVALSHA", scripts.RELEASE.sha, 2, self._lock_key(key), self._stats_key, owner, channel, count_as
             )
         if nodes is not None:
             fan_out([(node, command) for node in nodes], decided=lambda r: True, timeout=0)
@@ -781,6 +768,55 @@ def _parse_metadata(raw: bytes | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _check_options(
+    retry_count: object,
+    retry_delay: object,
+    retry_jitter: object,
+    drift_factor: object,
+    socket_timeout: object,
+    extend_every: object,
+) -> None:
+    """Check :class:`Redlock`'s numeric options, naming the first one that is wrong."""
+    _check_int("retry_count", retry_count, minimum=0)
+    _check_number("retry_delay", retry_delay, minimum=0)
+    _check_number("retry_jitter", retry_jitter, minimum=0)
+    _check_number("drift_factor", drift_factor, minimum=0, below=1)
+    _check_number("socket_timeout", socket_timeout, minimum=0, exclusive=True)
+    _check_number("extend_every", extend_every, minimum=0, exclusive=True, below=1)
+
+
+def _check_acquire_options(
+    timeout: object,
+    max_hold: object,
+    on_lost: object,
+    label: object,
+    owner_prefix: object,
+    count_as: object,
+) -> None:
+    """Check :meth:`Redlock.acquire`'s optional arguments, naming the one that is wrong."""
+    if timeout is not None:
+        _check_number("timeout", timeout, minimum=0)
+    if max_hold is not None:
+        _check_number("max_hold", max_hold, minimum=0, exclusive=True)
+    if on_lost is not None and not callable(on_lost):
+        raise TypeError("on_lost: expected a callable")
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"label: expected str, got {type(label).__name__}")
+    _check_text("owner_prefix", owner_prefix)
+    if count_as is not None:
+        _check_text("count_as", count_as)
+
+
+def _check_text(name: str, value: object) -> None:
+    """A str that Redis can be sent: encodable as UTF-8 (it may be empty)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected str, got {type(value).__name__}")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name}: not encodable as UTF-8: {exc}") from None
 
 
 def _check_key(key: object) -> None:

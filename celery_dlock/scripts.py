@@ -117,7 +117,7 @@ return 0
 # KEYS[1]  the lock hash
 # KEYS[2]  optional: the counters hash (ARGV[3] is then the counters' label)
 # ARGV[1]  the owner value
-# ARGV[2]  the channel that blocked acquirers listen on
+# ARGV[2]  the channel that blocked acquirers listen on, or '' to wake none
 # return   1 when the lock was ours and is now deleted, 0 otherwise
 RELEASE = Script(
     "release",
@@ -125,7 +125,9 @@ RELEASE = Script(
     + """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
     redis.call('DEL', KEYS[1])
-    redis.call('PUBLISH', ARGV[2], '')
+    if ARGV[2] ~= '' then
+        redis.call('PUBLISH', ARGV[2], '')
+    end
     count('released')
     return 1
 end
