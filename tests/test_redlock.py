@@ -313,8 +313,11 @@ def test_reacquires_after_a_node_restarts(redis_nodes3: RedisCluster) -> None:
     for server in redis_nodes3:
         server.restart()
     with redlock.lock("restart", ttl=5, timeout=5) as lock:
-        assert all(c.exists("dlock:lock:restart") for c in redis_nodes3.clients())
+        # Granted by a quorum; the last node may still be reconnecting, as a
+        # slow node would be, when the acquire returns.
+        assert sum(1 for c in redis_nodes3.clients() if c.exists("dlock:lock:restart")) >= redlock.quorum
     assert lock.released
+    assert wait_for(lambda: not any(c.exists("dlock:lock:restart") for c in redis_nodes3.clients()))
 
 
 def test_unreachable_node_is_not_bad_input() -> None:
