@@ -273,15 +273,14 @@ class SingleFlight:
         )
         if rider is None:
             return False
-        locks_for(app).redlock.count(task.name, "coalesced" if rider != request.id else "parked")
         if rider != request.id:
             logger.info("coalesced into %s[%s]: %s", task.name, rider, busy)
             if not request.ignore_result and not task.ignore_result:
                 task.backend.store_result(request.id, {"coalesced_into": rider}, states.SUCCESS, request=request)
-            send_task_event(app, "task-coalesced", uuid=request.id, hostname=request.hostname, key=key, into=rider)
+            _report(app, task, request, "coalesced", key=key, into=rider)
         else:
             logger.info("parked behind the holder of %r: %s", key, busy)
-            send_task_event(app, "task-parked", uuid=request.id, hostname=request.hostname, key=key)
+            _report(app, task, request, "parked", key=key)
         return True
 
     # -- busy policies ----------------------------------------------------------------
@@ -311,17 +310,9 @@ class SingleFlight:
         if outside_worker:
             raise skipped
         logger.warning("skipped: %s", skipped)
-        locks_for(app).redlock.count(task.name, "skipped")
         if not request.ignore_result and not task.ignore_result:
             task.backend.store_result(request.id, skipped, states.FAILURE, request=request)
-        send_task_event(
-            app,
-            "task-skipped",
-            uuid=request.id,
-            hostname=request.hostname,
-            key=busy.key,
-            holder=busy.holder,
-        )
+        _report(app, task, request, "skipped", key=busy.key, holder=busy.holder)
         raise Ignore()
 
     def _requeue(self, task: Any, app: Any, request: Any, policy: Policy, cause: DLockError) -> NoReturn:
@@ -336,16 +327,7 @@ class SingleFlight:
         headers[REQUEUES_HEADER] = done + 1
         task.signature_from_request(request, countdown=countdown, headers=headers).apply_async()
         logger.info("requeued in %.2fs (%d/%d): %s", countdown, done + 1, policy.max_requeues, cause)
-        locks_for(app).redlock.count(task.name, "requeued")
-        send_task_event(
-            app,
-            "task-requeued",
-            uuid=request.id,
-            hostname=request.hostname,
-            key=cause.key,
-            countdown=countdown,
-            requeues=done + 1,
-        )
+        _report(app, task, request, "requeued", key=cause.key, countdown=countdown, requeues=done + 1)
         raise Ignore()
 
 
@@ -475,6 +457,12 @@ def _runs_bound(task_class: type) -> bool:
     if bound is None:
         bound = _binds_run[task_class] = not isinstance(inspect.getattr_static(task_class, "run", None), staticmethod)
     return bound
+
+
+def _report(app: Any, task: Any, request: Any, what: str, **fields: Any) -> None:
+    """Count ``what`` happening to a run and send its ``task-<what>`` event."""
+    locks_for(app).redlock.count(task.name, what)
+    send_task_event(app, f"task-{what}", uuid=request.id, hostname=request.hostname, **fields)
 
 
 def _label(task: Any, guard: SingleFlight) -> str:
