@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from celery_dlock.redlock import Lock, Redlock
+from celery_dlock.lock.redlock import Lock, Redlock
 
 from . import cpus, servers
 from .harness import Schedule, Variant, run_interleaved

@@ -1,7 +1,7 @@
 """Scenario 1: uncontended lock latency.
 
 One operation is an acquire and a release of a key nobody else wants.  It is
-timed for our :class:`~celery_dlock.redlock.Redlock` on 1, 3 and 5 nodes and
+timed for our :class:`~celery_dlock.lock.redlock.Redlock` on 1, 3 and 5 nodes and
 for the locks people would use instead, against two references: the *floor*,
 the least a correct single-node lock can send (``SET NX PX`` then a
 compare-and-delete script), and a *raw fan-out* of two PING round trips over
@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
 
-from celery_dlock.redlock import Redlock
+from celery_dlock.lock.redlock import Redlock
 
 from . import cpus, servers
 from .harness import Op, Schedule, Variant, run_interleaved

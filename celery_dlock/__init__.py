@@ -11,24 +11,25 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from .lock import (
+    AlreadyClaimed,
     ConfigurationError,
     DLockError,
+    Handoff,
+    HandoffQueue,
+    Lock,
     LockBusy,
     LockLost,
     LockUnavailable,
+    QueueFull,
+    Redlock,
     TaskSkipped,
+    Watchdog,
 )
-from .handoff import AlreadyClaimed, Handoff, HandoffQueue, QueueFull
-from .redlock import Lock, Redlock
-from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .beat import MultiBeatScheduler
-    from .decorators import single_flight
-    from .guard import current_lock
-    from .options import SingleFlightOptions
-    from .task import SingleFlightTask
+    from .celery import SingleFlightOptions, SingleFlightTask, current_lock, single_flight
 
 __all__ = [
     "AlreadyClaimed",
@@ -55,10 +56,10 @@ __version__ = "0.1.0"
 
 _CELERY_NAMES = {
     "MultiBeatScheduler": ".beat",
-    "SingleFlightTask": ".task",
-    "SingleFlightOptions": ".options",
-    "current_lock": ".guard",
-    "single_flight": ".decorators",
+    "SingleFlightTask": ".celery",
+    "SingleFlightOptions": ".celery",
+    "current_lock": ".celery",
+    "single_flight": ".celery",
 }
 
 

@@ -26,9 +26,9 @@ from click.testing import CliRunner, Result
 from redis_servers import RedisServer
 
 from celery_dlock import Redlock, single_flight
-from celery_dlock.cli import EVENTS, dlock
-from celery_dlock.doctor import lock_details, parked_tickets
-from celery_dlock.pytest_plugin import assert_skipped
+from celery_dlock.ops.cli import EVENTS, dlock
+from celery_dlock.ops.doctor import lock_details, parked_tickets
+from celery_dlock.testing.plugin import assert_skipped
 
 UNREACHABLE = "redis://127.0.0.1:1/0"
 
@@ -131,7 +131,7 @@ def test_list_and_show_a_held_lock_and_its_queue(tasks, celery_app, celery_worke
 
 
 def test_show_a_handoff_reservation(celery_app: Celery, lock_server: RedisServer) -> None:
-    from celery_dlock.runtime import locks_for
+    from celery_dlock.celery.app_state import locks_for
 
     queue = locks_for(celery_app).handoff_queue
     holder = queue.acquire("k", ttl=30)

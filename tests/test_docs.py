@@ -6,8 +6,8 @@ import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from celery_dlock.config import Settings
-from celery_dlock.options import SingleFlightOptions
+from celery_dlock.celery.settings import Settings
+from celery_dlock.celery.options import SingleFlightOptions
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -8,7 +8,7 @@ import pytest
 from redis_servers import RedisCluster
 
 from celery_dlock import LockBusy, Redlock
-from celery_dlock.handoff import AlreadyClaimed, HandoffQueue, QueueFull
+from celery_dlock.lock.handoff import AlreadyClaimed, HandoffQueue, QueueFull
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ from critical_sections import overlaps, tokens_rise_in_order
 from worker_stack import KEY_PREFIX, Stack, make_stack, new_key, stack_factory
 
 from celery_dlock import LockBusy
-from celery_dlock.handoff import QueueFull
+from celery_dlock.lock.handoff import QueueFull
 
 pytestmark = [pytest.mark.worker, pytest.mark.timeout(180)]
 

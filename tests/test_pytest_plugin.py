@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from celery_dlock.pytest_plugin import RedisProcess, RunRecorder, find_redis_server
+from celery_dlock.testing.plugin import RedisProcess, RunRecorder, find_redis_server
 
 pytest_plugins = ("pytester",)
 
@@ -52,7 +52,7 @@ USER_TESTS = """
     import pytest
 
     from celery_dlock import single_flight
-    from celery_dlock.pytest_plugin import assert_skipped, wait_for_lock
+    from celery_dlock.testing.plugin import assert_skipped, wait_for_lock
 
 
     @pytest.fixture

@@ -124,11 +124,11 @@ def test_holder_reads_metadata_and_token(redis_node1: RedisCluster) -> None:
 def test_acquire_is_idempotent_for_its_own_owner(redis_nodes3: RedisCluster) -> None:
     """An attempt re-sent after an ambiguous timeout finds the lock already ours."""
     redlock = Redlock(redis_nodes3.urls)
-    first = redlock._attempt("idem", "owner-1", 5.0, "{}", 1)
-    second = redlock._attempt("idem", "owner-1", 5.0, "{}", 2)
+    first = redlock.attempt("idem", "owner-1", 5.0, "{}", 1)
+    second = redlock.attempt("idem", "owner-1", 5.0, "{}", 2)
     assert isinstance(first, tuple) and isinstance(second, tuple)
     assert first[0] == second[0], "same owner, same token: no second grant"
-    third = redlock._attempt("idem", "owner-2", 5.0, "{}", 1)
+    third = redlock.attempt("idem", "owner-2", 5.0, "{}", 1)
     assert isinstance(third, LockBusy)
 
 
@@ -596,7 +596,7 @@ def test_core_imports_without_celery() -> None:
         "import sys; sys.modules['celery'] = None; sys.modules['kombu'] = None\n"
         "import celery_dlock\n"
         "from celery_dlock import Redlock, Lock, LockBusy, LockUnavailable\n"
-        "import celery_dlock.redlock, celery_dlock.watchdog, celery_dlock.nodes\n"
+        "import celery_dlock.lock.redlock, celery_dlock.lock.watchdog, celery_dlock.lock.nodes\n"
         "print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

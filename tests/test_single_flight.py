@@ -394,7 +394,7 @@ def test_fail_open_runs_unlocked_with_a_warning(celery_app, recorder, caplog) ->
         recorder.incr("open-ran")
         return "ran"
 
-    task_logger = logging.getLogger("celery_dlock.guard")  # the worker gives task loggers its level
+    task_logger = logging.getLogger("celery_dlock.celery.guard")  # the worker gives task loggers its level
     task_logger.addHandler(caplog.handler)
     try:
         with start_worker(celery_app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"):

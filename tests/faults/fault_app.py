@@ -19,7 +19,7 @@ from celery import Celery, Task
 from fault_holder import RUNS, Holder, HolderSpec, record_section
 
 from celery_dlock import current_lock, single_flight
-from celery_dlock.guard import REQUEUES_HEADER
+from celery_dlock.celery.guard import REQUEUES_HEADER
 
 BROKER_URL = os.environ.get("DLOCK_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
 LOCK_URLS = [url for url in os.environ.get("DLOCK_TEST_LOCK_URLS", BROKER_URL).split(",") if url]

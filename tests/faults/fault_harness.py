@@ -33,7 +33,7 @@ from fault_checker import History, Verdict, save_history
 from fault_holder import STOP, HolderSpec, gate_flag, inside_flag
 from redis_servers import RedisCluster, RedisServer
 
-from celery_dlock.nodes import COOLDOWN_MAX
+from celery_dlock.lock.nodes import COOLDOWN_MAX
 
 FAULTS_DIR = Path(__file__).resolve().parent
 HOLDER_SCRIPT = FAULTS_DIR / "fault_holder.py"
@@ -317,7 +317,7 @@ class Timing:
 
         A lease orphaned by the fault runs out within one ttl; a waiting
         holder then needs one retry period and one attempt; a node that timed
-        out is skipped for at most :data:`~celery_dlock.nodes.COOLDOWN_MAX`.
+        out is skipped for at most :data:`~celery_dlock.lock.nodes.COOLDOWN_MAX`.
         """
         retry = self.retry_delay + self.retry_jitter + self.socket_timeout
         return self.ttl + retry + COOLDOWN_MAX + self.slack

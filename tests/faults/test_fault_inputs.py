@@ -26,8 +26,8 @@ from celery import Celery, states
 from redis_servers import HOST, RedisServer
 
 from celery_dlock import ConfigurationError, LockBusy, LockUnavailable, Redlock, single_flight
-from celery_dlock.config import Settings
-from celery_dlock.keys import KeySpec
+from celery_dlock.celery.settings import Settings
+from celery_dlock.celery.keys import KeySpec
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
 

@@ -55,8 +55,8 @@ from typing import TYPE_CHECKING, Any, Final
 import pytest
 import redis
 
-from .errors import TaskSkipped
-from .runtime import known_apps, locks_for
+from ..lock.errors import TaskSkipped
+from ..celery.app_state import known_apps, locks_for
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -256,7 +256,7 @@ class RunRecorder:
 
         Works as a context manager and as a decorator.
         """
-        from .guard import current_lock  # noqa: PLC0415 - it imports Celery, which the plugin does not need
+        from ..celery.guard import current_lock  # noqa: PLC0415 - it imports Celery, which the plugin does not need
 
         lock = current_lock()
         start = time.monotonic_ns()

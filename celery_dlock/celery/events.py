@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .runtime import locks_for
+from .app_state import locks_for
 
 __all__ = ["send_task_event"]
 

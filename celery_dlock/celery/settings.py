@@ -2,7 +2,7 @@
 
 Every setting lives in ``app.conf`` under the ``dlock_`` prefix (upper case is
 accepted too, as Celery accepts it for its own settings).  :meth:`Settings.from_app`
-reads them all and raises :class:`~celery_dlock.errors.ConfigurationError`
+reads them all and raises :class:`~celery_dlock.lock.errors.ConfigurationError`
 naming the setting when one is wrong, so a bad value stops the worker at
 start-up rather than surfacing in the first task.
 
@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final
 
-from .errors import ConfigurationError
-from .nodes import parse_url
+from ..lock.errors import ConfigurationError
+from ..lock.nodes import parse_url
 
 __all__ = ["BUSY_POLICIES", "FAIL_MODES", "QUEUE_FULL", "WAIT_FALLBACKS", "Settings", "broker_visibility_timeout"]
 

@@ -29,7 +29,7 @@ at, and the instant of the run after it.
 
 When a beat finds the current slot of an entry due (its own ``last_run_at`` is
 before the slot), it *claims* the slot through the lock core before it
-publishes anything: a non-blocking :meth:`~celery_dlock.redlock.Redlock.acquire`
+publishes anything: a non-blocking :meth:`~celery_dlock.lock.redlock.Redlock.acquire`
 of ``beat:<entry name>:<slot instant in UTC ISO 8601>`` (stored as
 ``<dlock_key_prefix>lock:beat:...``) with a lease that lasts to the end of the
 slot plus ``dlock_beat_max_skew`` plus 2 seconds.  The claim is never
@@ -38,10 +38,10 @@ released; it expires.
 * The beat that gets the claim publishes the run, with two message headers:
   ``dlock_beat_entry`` (the entry name) and ``dlock_beat_slot`` (the slot's
   instant), which the task can read as ``self.request.dlock_beat_slot``.
-* A beat that finds the slot claimed (:class:`~celery_dlock.errors.LockBusy`)
+* A beat that finds the slot claimed (:class:`~celery_dlock.lock.errors.LockBusy`)
   publishes nothing and updates its own bookkeeping as if it had run it.
 * If the lock service cannot be reached
-  (:class:`~celery_dlock.errors.LockUnavailable`), nothing is published (fail
+  (:class:`~celery_dlock.lock.errors.LockUnavailable`), nothing is published (fail
   closed) and an error is logged.  The beat tries again about once a second
   for as long as the slot is current, so a short outage delays the run rather
   than losing it.  A slot that ends before Redis comes back is not published
@@ -110,9 +110,9 @@ from celery.utils.log import get_logger
 from celery.utils.time import maybe_make_aware
 from kombu.utils.url import maybe_sanitize_url
 
-from .errors import ConfigurationError, DLockError, LockBusy
-from .guard import BEAT_SLOT_HEADER
-from .runtime import AppLocks, locks_for
+from ..lock.errors import ConfigurationError, DLockError, LockBusy
+from ..celery.guard import BEAT_SLOT_HEADER
+from ..celery.app_state import AppLocks, locks_for
 
 try:
     import fcntl
@@ -188,7 +188,7 @@ def locate(sched: Any, now: datetime, last_run_at: datetime) -> tuple[datetime |
     of the schedule in ``(last_run_at, now]``, or ``None`` if there is none
     (the entry is not due), and ``upcoming`` is the first instant after
     ``now`` (after ``due`` once that has run).  Raises
-    :class:`~celery_dlock.errors.ConfigurationError` for a schedule it cannot
+    :class:`~celery_dlock.lock.errors.ConfigurationError` for a schedule it cannot
     place in slots.
     """
     now = _utc(now)

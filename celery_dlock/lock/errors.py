@@ -8,7 +8,7 @@ raises these same classes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "ConfigurationError",
@@ -27,6 +27,9 @@ class DLockError(Exception):
         super().__init__(message)
         #: The lock key the error is about, or ``None`` when not key-specific.
         self.key = key
+
+
+_Busy = TypeVar("_Busy", bound="LockBusy")
 
 
 class LockBusy(DLockError):
@@ -59,14 +62,14 @@ class LockBusy(DLockError):
 
     @classmethod
     def for_key(
-        cls,
+        cls: type[_Busy],
         key: str,
         *,
         attempts: int,
         holder: Mapping[str, Any] | None = None,
         retry_after: float | None = None,
         detail: str | None = None,
-    ) -> LockBusy:
+    ) -> _Busy:
         """The error for ``key``, with a message naming the holder."""
         who = f" by {_describe_holder(holder)}" if holder else ""
         detail = detail or f"gave up after {attempts} attempt(s)"

@@ -32,9 +32,9 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from . import scripts
+from .resp import pack
 
-__all__ = ["NO_REPLY", "Node", "Reply", "fan_out", "pack", "parse_url"]
+__all__ = ["NO_REPLY", "Node", "Reply", "fan_out", "parse_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +59,6 @@ _MAINTENANCE_KWARGS: Final = (
     "orig_socket_timeout",
     "orig_socket_connect_timeout",
 )
-
-
-def pack(*args: str | bytes | int) -> bytes:
-    """Encode one command in RESP, ready to send to any node."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if type(arg) is bytes else str(arg).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
 
 
 class Connection(Protocol):
@@ -103,10 +94,11 @@ class Node:
     ``spec`` is a ``redis://``, ``rediss://`` or ``unix://`` URL, or a
     :class:`redis.Redis` client whose connection settings are reused (its own
     pool is left untouched).  Every thread gets its own connection, made on
-    first use; after :func:`os.fork` the child makes new ones.
+    first use; after :func:`os.fork` the child makes new ones.  The Lua
+    ``preload`` sources are loaded on every connection as it connects.
     """
 
-    def __init__(self, spec: str | redis.Redis, *, socket_timeout: float) -> None:
+    def __init__(self, spec: str | redis.Redis, *, socket_timeout: float, preload: Sequence[str] = ()) -> None:
         if isinstance(spec, redis.Redis):
             pool = spec.connection_pool
         elif isinstance(spec, str):
@@ -131,6 +123,8 @@ class Node:
         self._connection_kwargs = kwargs
         #: A printable name with no password, such as ``redis://127.0.0.1:6379/0``.
         self.name = _describe(kwargs, pool.connection_class)
+        self._preload = b"".join(pack("SCRIPT", "LOAD", source) for source in preload)
+        self._preloaded = len(preload)
         self._local = threading.local()
         self._cooldown_until = 0.0
         self._cooldown = 0.0
@@ -265,11 +259,10 @@ class Node:
         return link
 
     def _load_scripts(self, conn: Connection) -> None:
-        conn.send_packed_command(
-            [b"".join(pack("SCRIPT", "LOAD", script.source) for script in scripts.ALL)],
-            check_health=False,
-        )
-        for _ in scripts.ALL:
+        if not self._preloaded:
+            return
+        conn.send_packed_command([self._preload], check_health=False)
+        for _ in range(self._preloaded):
             conn.read_response()
 
     def _fail(self, link: _Link, exc: BaseException) -> None:

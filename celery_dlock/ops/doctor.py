@@ -2,7 +2,7 @@
 
 Plain functions over a Celery app's lock state that return result objects and
 know nothing of click, so that they can be tested and reused (in a health
-endpoint, say, or a deploy script); :mod:`celery_dlock.cli` only formats them.
+endpoint, say, or a deploy script); :mod:`celery_dlock.ops.cli` only formats them.
 
 * :func:`held_locks` and :func:`lock_details` read the lock hashes, with SCAN
   and never KEYS.  A lock's owner value is never exposed, only whether the
@@ -29,12 +29,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .config import Settings, broker_visibility_timeout
-from .errors import LockUnavailable
-from .handoff import Handoff
-from .options import Policy
-from .runtime import AppLocks, locks_for
-from .signals import guard_of, hand_on_stranded
+from ..celery.settings import Settings, broker_visibility_timeout
+from ..lock.errors import LockUnavailable
+from ..lock.handoff import Handoff
+from ..celery.options import Policy
+from ..celery.app_state import AppLocks, locks_for
+from ..celery.signals import guard_of, hand_on_stranded
 
 __all__ = [
     "OPERATOR_TIMEOUT",

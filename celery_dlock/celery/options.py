@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from typing import Any
 
-from .config import (
+from .settings import (
     BUSY_POLICIES,
     FAIL_MODES,
     QUEUE_FULL,
@@ -21,7 +21,7 @@ from .config import (
     check_count,
     check_positive,
 )
-from .errors import ConfigurationError
+from ..lock.errors import ConfigurationError
 from .keys import KeyTemplate
 
 __all__ = ["Policy", "SingleFlightOptions"]

@@ -6,7 +6,7 @@ the decorator, the base class and the app-wide ``task_cls``.  Its
 holds it (the watchdog renewing it) for the whole body, and releases it in a
 ``finally``, so success, failure, ``retry()``, ``Ignore``, ``Reject`` and soft
 time limits all release.  Paths where the pool process dies are covered by the
-signal hooks in :mod:`celery_dlock.signals`, which find the dead run's lock by
+signal hooks in :mod:`celery_dlock.celery.signals`, which find the dead run's lock by
 the owner prefix set here.
 """
 
@@ -28,14 +28,14 @@ from celery.utils.log import get_task_logger
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 
-from .errors import DLockError, LockBusy, LockUnavailable, TaskSkipped
+from ..lock.errors import DLockError, LockBusy, LockUnavailable, TaskSkipped
 from .events import send_task_event
-from .faults import fault_point
-from .handoff import AlreadyClaimed, Handoff, QueueFull
+from ..lock.faults import fault_point
+from ..lock.handoff import AlreadyClaimed, Handoff, QueueFull
 from .keys import KeySpec
 from .options import Policy, SingleFlightOptions
-from .redlock import Lock
-from .runtime import AppLocks, locks_for
+from ..lock.redlock import Lock
+from .app_state import AppLocks, locks_for
 
 __all__ = [
     "REQUEUES_HEADER",

@@ -10,7 +10,7 @@ works on the app given to ``celery -A``::
     celery -A proj dlock stats
     celery -A proj dlock doctor
 
-The work is done by :mod:`celery_dlock.doctor`; this module only formats it.
+The work is done by :mod:`celery_dlock.ops.doctor`; this module only formats it.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from .doctor import (
     parked_tickets,
     worst,
 )
-from .errors import LockUnavailable
-from .runtime import locks_for
+from ..lock.errors import LockUnavailable
+from ..celery.app_state import locks_for
 
 __all__ = ["EVENTS", "dlock"]
 

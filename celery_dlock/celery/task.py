@@ -22,10 +22,10 @@ from typing import Any, ClassVar
 
 from celery import Task
 
-from .errors import DLockError
+from ..lock.errors import DLockError
 from .guard import SingleFlight, current_lock
 from .options import SingleFlightOptions
-from .redlock import Lock
+from ..lock.redlock import Lock
 from .signals import connect_signals
 
 __all__ = ["SingleFlightTask"]

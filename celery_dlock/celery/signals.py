@@ -26,11 +26,11 @@ from billiard.exceptions import WorkerLostError
 from celery import bootsteps, signals
 from celery.exceptions import TimeLimitExceeded
 
-from .config import broker_visibility_timeout
-from .errors import ConfigurationError
+from .settings import broker_visibility_timeout
+from ..lock.errors import ConfigurationError
 from .guard import publish_handoff
-from .handoff import Handoff
-from .runtime import known_apps, locks_for
+from ..lock.handoff import Handoff
+from .app_state import known_apps, locks_for
 
 __all__ = ["connect_signals"]
 
@@ -60,7 +60,7 @@ def connect_signals() -> None:
 
 
 def guard_of(task: Any) -> Any:
-    """The :class:`~celery_dlock.guard.SingleFlight` of ``task``, or ``None``."""
+    """The :class:`~celery_dlock.celery.guard.SingleFlight` of ``task``, or ``None``."""
     run = getattr(task, "run", None)
     return getattr(run, "_dlock_guard", None)
 
@@ -94,7 +94,7 @@ class SettingsCheck(bootsteps.StartStopStep):  # type: ignore[misc]
 def hand_on_stranded(app: Any) -> list[Handoff]:
     """Publish the next message of every queue whose holder has gone; returns them.
 
-    Raises :class:`~celery_dlock.errors.LockUnavailable` if the lock node
+    Raises :class:`~celery_dlock.lock.errors.LockUnavailable` if the lock node
     cannot be reached.
     """
     locks = locks_for(app)
@@ -117,7 +117,7 @@ def _sweep(app: Any) -> None:
 def check_worker(worker: Any) -> bool:
     """Check the settings of every single-flight task of the worker's app.
 
-    Raises :class:`~celery_dlock.errors.ConfigurationError` naming the
+    Raises :class:`~celery_dlock.lock.errors.ConfigurationError` naming the
     setting or task at fault.  Returns whether any task uses a handoff queue.
     """
     app = worker.app

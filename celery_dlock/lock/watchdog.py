@@ -17,14 +17,11 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import DLockError, LockLost
 
-if TYPE_CHECKING:
-    from .redlock import Lock
-
-__all__ = ["Watchdog", "default_watchdog"]
+__all__ = ["Renewable", "Watchdog", "default_watchdog"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +35,43 @@ _RETRY_MAX = 1.0
 IDLE_TICK = 1.0
 
 
+class Renewable(Protocol):
+    """What the watchdog needs of a lock: a :class:`~celery_dlock.lock.lease.Lock` is one."""
+
+    key: str
+    ttl: float
+    max_hold: float | None
+    acquired_at: float
+
+    @property
+    def released(self) -> bool:
+        """Whether the holder released it."""
+        ...
+
+    @property
+    def finished(self) -> bool:
+        """Released, or its loss already reported: nothing left to renew."""
+        ...
+
+    def remaining(self) -> float:
+        """Seconds of validity left."""
+        ...
+
+    def renew(self, ttl: float | None = None) -> None:
+        """Renew the lease in full; raises :class:`~celery_dlock.lock.errors.DLockError` on failure."""
+        ...
+
+    def report_lost(self, error: DLockError) -> None:
+        """Record and report that the lock is lost."""
+        ...
+
+
 class _Watch:
     """One watched lock: a weak reference, its renewal period and next due time."""
 
     __slots__ = ("due", "every", "ref")
 
-    def __init__(self, lock: Lock, every: float, due: float) -> None:
+    def __init__(self, lock: Renewable, every: float, due: float) -> None:
         self.ref = weakref.ref(lock)
         self.every = every
         self.due = due
@@ -64,21 +92,20 @@ class Watchdog:
         with self._wakeup:
             return sum(1 for watch in self._watched.values() if _alive(watch.ref()))
 
-    def watch(self, lock: Lock, every: float) -> None:
+    def watch(self, lock: Renewable, every: float) -> None:
         """Renew ``lock`` each time ``every`` (a share of its ttl) has passed."""
         self._schedule(lock, every, time.monotonic() + lock.ttl * every)
 
-    def forget(self, lock: Lock) -> None:
+    def forget(self, lock: Renewable) -> None:
         """Stop renewing ``lock`` (it was released)."""
         with self._wakeup:
             watch = self._watched.get(id(lock))
             if watch is not None and watch.ref() is lock:
                 del self._watched[id(lock)]
 
-    def _schedule(self, lock: Lock, every: float, due: float) -> None:
+    def _schedule(self, lock: Renewable, every: float, due: float) -> None:
         with self._wakeup:
             self._watched[id(lock)] = _Watch(lock, every, due)
-            lock._watchdog = self
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
@@ -93,12 +120,12 @@ class Watchdog:
             except Exception:  # the thread must outlive any bug in a renewal
                 logger.exception("watchdog renewal failed unexpectedly")
 
-    def _due(self) -> list[tuple[Lock, float]]:
+    def _due(self) -> list[tuple[Renewable, float]]:
         """Sleep until a lock is due, then take the due ones off the watch list."""
         with self._wakeup:
             while True:
                 now = time.monotonic()
-                due: list[tuple[Lock, float]] = []
+                due: list[tuple[Renewable, float]] = []
                 next_due = now + IDLE_TICK
                 for key, watch in list(self._watched.items()):
                     lock = watch.ref()
@@ -115,20 +142,20 @@ class Watchdog:
                 self._wakes_at = next_due
                 self._wakeup.wait(next_due - now)
 
-    def _renew(self, lock: Lock, every: float) -> None:
+    def _renew(self, lock: Renewable, every: float) -> None:
         now = time.monotonic()
         if lock.max_hold is not None and now - lock.acquired_at >= lock.max_hold:
             self._expire(lock, every)
             return
         try:
-            lock._extend(None)
+            lock.renew()
         except LockLost as exc:
-            lock._mark_lost(exc)
+            lock.report_lost(exc)
             return
         except DLockError as exc:
             left = lock.remaining()
             if left <= 0:
-                lock._mark_lost(exc)
+                lock.report_lost(exc)
                 return
             logger.info("could not extend lock %r, %.3fs left: %s", lock.key, left, exc)
             self._schedule(lock, every, now + min(_RETRY_MAX, max(_RETRY_MIN, left / 4)))
@@ -136,18 +163,18 @@ class Watchdog:
         if not lock.released:
             self._schedule(lock, every, time.monotonic() + lock.ttl * every)
 
-    def _expire(self, lock: Lock, every: float) -> None:
+    def _expire(self, lock: Renewable, every: float) -> None:
         """Stop renewing a lock past ``max_hold``; report it once it lapses."""
         left = lock.remaining()
         if left > 0:
             self._schedule(lock, every, time.monotonic() + left)
             return
         if not lock.released:
-            lock._mark_lost(LockLost(f"lock {lock.key!r} was held past max_hold={lock.max_hold}s", key=lock.key))
+            lock.report_lost(LockLost(f"lock {lock.key!r} was held past max_hold={lock.max_hold}s", key=lock.key))
 
 
-def _alive(lock: Lock | None) -> bool:
-    return lock is not None and not lock.released and not lock._lost
+def _alive(lock: Renewable | None) -> bool:
+    return lock is not None and not lock.finished
 
 
 _default: Watchdog | None = None

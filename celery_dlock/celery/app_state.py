@@ -1,7 +1,7 @@
 """The plugin's state for one Celery app in one process.
 
 :func:`locks_for` gives each app one :class:`AppLocks`: its checked settings
-and its :class:`~celery_dlock.redlock.Redlock`, made on first use.  Apps are
+and its :class:`~celery_dlock.lock.redlock.Redlock`, made on first use.  Apps are
 held weakly, so a test app that goes away takes its state with it.
 """
 
@@ -11,9 +11,9 @@ import threading
 import weakref
 from typing import Any
 
-from .config import Settings
-from .handoff import HandoffQueue
-from .redlock import Lock, Redlock
+from .settings import Settings
+from ..lock.handoff import HandoffQueue
+from ..lock.redlock import Lock, Redlock
 
 __all__ = ["AppLocks", "locks_for"]
 

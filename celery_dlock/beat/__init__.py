@@ -1,0 +1,11 @@
+"""Several ``celery beat`` instances at once, each due run published once.
+
+Configure ``beat_scheduler = "celery_dlock.beat:MultiBeatScheduler"``; how it
+works is in :mod:`celery_dlock.beat.scheduler` and ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from .scheduler import CLAIM_PREFIX, ENTRY_HEADER, SLOT_HEADER, MultiBeatScheduler, Slot, locate
+
+__all__ = ["CLAIM_PREFIX", "ENTRY_HEADER", "SLOT_HEADER", "MultiBeatScheduler", "Slot", "locate"]

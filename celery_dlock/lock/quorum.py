@@ -1,0 +1,62 @@
+"""A set of independent nodes and the quorum arithmetic over their replies.
+
+:class:`Quorum` sends one packed command to every node through
+:func:`~celery_dlock.lock.nodes.fan_out` and stops reading as soon as the
+outcome is decided: enough nodes said yes, or too many said anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from .nodes import NO_REPLY, Node, Reply, fan_out
+
+__all__ = ["Quorum", "decided", "is_one"]
+
+
+def decided(replies: Sequence[Reply], yes: Callable[[Reply], bool], quorum: int, total: int) -> bool:
+    """Whether enough replies are in for the outcome to be known."""
+    granted = sum(1 for r in replies if yes(r))
+    failed = sum(1 for r in replies if r is not NO_REPLY and not yes(r))
+    return granted >= quorum or failed > total - quorum
+
+
+class Quorum:
+    """Independent nodes of which a strict majority must agree."""
+
+    def __init__(self, nodes: Sequence[Node], *, socket_timeout: float) -> None:
+        self.nodes = list(nodes)
+        #: How many nodes must agree: a strict majority.
+        self.size = len(self.nodes) // 2 + 1
+        self.socket_timeout = socket_timeout
+
+    def broadcast(self, command: bytes, *, granted: Callable[[Reply], bool]) -> list[Reply]:
+        """Send ``command`` to every node; read replies until the outcome is known."""
+        total = len(self.nodes)
+        return fan_out(
+            [(node, command) for node in self.nodes],
+            decided=lambda replies: decided(replies, granted, self.size, total),
+            timeout=self.socket_timeout,
+        )
+
+    def read_all(self, command: bytes) -> list[Reply]:
+        """Send ``command`` to every node and wait for every reply (or the timeout)."""
+        return fan_out([(node, command) for node in self.nodes], decided=lambda r: False, timeout=self.socket_timeout)
+
+    def send_all(self, command: bytes, nodes: Sequence[Node] | None = None) -> None:
+        """Send ``command`` to ``nodes`` (by default all) without waiting for replies."""
+        targets = self.nodes if nodes is None else nodes
+        fan_out([(node, command) for node in targets], decided=lambda r: True, timeout=0)
+
+    def errors(self, replies: Sequence[Reply]) -> list[tuple[str, BaseException]]:
+        """``(node name, error)`` for each node whose reply is an error."""
+        return [
+            (node.name, reply)
+            for node, reply in zip(self.nodes, replies, strict=True)
+            if isinstance(reply, BaseException)
+        ]
+
+
+def is_one(reply: Reply) -> bool:
+    """Whether a node answered the integer 1 (a boolean script said yes)."""
+    return isinstance(reply, int) and reply == 1

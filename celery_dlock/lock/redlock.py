@@ -1,0 +1,472 @@
+"""Redlock: a lease-based lock over one Redis node or a quorum of them.
+
+This module knows nothing of Celery.  It follows the published Redlock
+algorithm, with three additions: every lock carries a fencing token, a lost
+lock is reported instead of discovered, and blocked acquirers are woken by the
+holder's release instead of polling alone.
+
+>>> redlock = Redlock(["redis://127.0.0.1:6379/0"])       # doctest: +SKIP
+>>> with redlock.lock("ledger:42", ttl=30) as lock:       # doctest: +SKIP
+...     write_balance(account=42, fence=lock.token)
+
+The quorum is ``len(nodes) // 2 + 1``.  An acquisition that cannot reach a
+quorum raises :class:`~celery_dlock.lock.errors.LockUnavailable`; one that reached a
+quorum but found the key held raises :class:`~celery_dlock.lock.errors.LockBusy`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Final
+
+import redis
+
+from . import queue_scripts, scripts
+from .errors import LockBusy, LockLost, LockUnavailable
+from .faults import fault_point
+from .keyspace import DEFAULT_PREFIX, Keyspace
+from .lease import Lock, LostCallback
+from .metadata import holder_metadata, parse_metadata
+from .nodes import Node, Reply, fan_out
+from .quorum import Quorum, is_one
+from .resp import pack
+from .script import Granted, Held
+from .validation import check_int, check_key, check_number, check_text, check_ttl
+from .waiting import ReleaseWaiter
+from .watchdog import Watchdog, default_watchdog
+
+__all__ = ["Lock", "LostCallback", "Redlock"]
+
+logger = logging.getLogger(__name__)
+
+#: Redlock's allowance for clock drift beyond ``drift_factor``: 2 ms.
+_DRIFT_FLOOR: Final = 0.002
+
+#: The Lua sources every node connection loads when it connects.
+_PRELOAD: Final = tuple(script.source for script in (*scripts.ALL, *queue_scripts.ALL))
+
+
+class Redlock:
+    """A lock manager over one or more independent Redis masters.
+
+    Arguments:
+        nodes: Redis URLs or :class:`redis.Redis` clients, one per independent
+            master (not replicas of one another).  A single URL or client is
+            accepted as one node.
+        retry_count: When ``acquire`` blocks with no ``timeout``, how many
+            times it retries after the first attempt.
+        retry_delay: Seconds between attempts; a release on the key wakes a
+            waiter earlier.
+        retry_jitter: Up to this many seconds, chosen at random, are added to
+            each delay so that waiters do not move in lockstep.
+        drift_factor: The share of the ttl allowed for clock drift between the
+            nodes; the lock's validity is ``ttl - elapsed - drift``.
+        key_prefix: Prepended to every Redis key and channel the lock uses
+            (see :class:`~celery_dlock.lock.keyspace.Keyspace`).
+        socket_timeout: Seconds to wait for any one node to connect or
+            answer.  Keep it small: a node that is slower than this counts
+            against the quorum.
+        extend_every: With auto-extension, renew once this share of the ttl
+            has passed.
+        watchdog: The renewal thread to use; by default the process's one.
+
+    """
+
+    DEFAULT_RETRY_COUNT: ClassVar[int] = 10
+    DEFAULT_RETRY_DELAY: ClassVar[float] = 0.2
+    DEFAULT_RETRY_JITTER: ClassVar[float] = 0.1
+    DEFAULT_SOCKET_TIMEOUT: ClassVar[float] = 0.25
+
+    def __init__(
+        self,
+        nodes: str | redis.Redis | Sequence[str | redis.Redis],
+        *,
+        retry_count: int = DEFAULT_RETRY_COUNT,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        retry_jitter: float = DEFAULT_RETRY_JITTER,
+        drift_factor: float = 0.01,
+        key_prefix: str = DEFAULT_PREFIX,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        extend_every: float = 1 / 3,
+        watchdog: Watchdog | None = None,
+    ) -> None:
+        if isinstance(nodes, (str, redis.Redis)):
+            nodes = [nodes]
+        if not isinstance(nodes, Sequence):
+            raise TypeError(f"nodes: expected a sequence of Redis URLs or clients, got {type(nodes).__name__}")
+        if not nodes:
+            raise ValueError("nodes: at least one Redis node is required")
+        check_int("retry_count", retry_count, minimum=0)
+        check_number("retry_delay", retry_delay, minimum=0)
+        check_number("retry_jitter", retry_jitter, minimum=0)
+        check_number("drift_factor", drift_factor, minimum=0, below=1)
+        check_number("socket_timeout", socket_timeout, minimum=0, exclusive=True)
+        check_number("extend_every", extend_every, minimum=0, exclusive=True, below=1)
+        check_text("key_prefix", key_prefix)
+
+        self.nodes = [Node(spec, socket_timeout=socket_timeout, preload=_PRELOAD) for spec in nodes]
+        seen: dict[tuple[str, ...], Node] = {}
+        for node in self.nodes:
+            if node.identity in seen:
+                raise ValueError(f"nodes: {node.name} is given twice; Redlock needs independent masters")
+            seen[node.identity] = node
+        self._quorum = Quorum(self.nodes, socket_timeout=socket_timeout)
+        #: How many nodes must agree: a strict majority.
+        self.quorum = self._quorum.size
+        self.retry_count = retry_count
+        self.retry_delay = retry_delay
+        self.retry_jitter = retry_jitter
+        self.drift_factor = drift_factor
+        self.key_prefix = key_prefix
+        #: The names of every Redis key and channel this manager uses.
+        self.keyspace = Keyspace(key_prefix)
+        self.socket_timeout = socket_timeout
+        self.extend_every = extend_every
+        self._watchdog = watchdog
+
+    def __repr__(self) -> str:
+        return f"<Redlock {len(self.nodes)} node(s), quorum {self.quorum}>"
+
+    @property
+    def watchdog(self) -> Watchdog:
+        """The renewal thread of auto-extended locks: the one given, else the process's."""
+        return self._watchdog if self._watchdog is not None else default_watchdog()
+
+    # -- public API ----------------------------------------------------------
+
+    def acquire(
+        self,
+        key: str,
+        ttl: float,
+        *,
+        blocking: bool = True,
+        timeout: float | None = None,
+        auto_extend: bool = False,
+        on_lost: LostCallback | None = None,
+        max_hold: float | None = None,
+        label: str | None = None,
+        owner_prefix: str = "",
+        count_as: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> Lock:
+        """Take the lock on ``key`` for a lease of ``ttl`` seconds.
+
+        With ``blocking=False`` one attempt is made.  Otherwise it waits,
+        woken early by the holder's release: until ``timeout`` seconds have
+        passed if given, else for up to ``retry_count`` retries.
+
+        With ``auto_extend=True`` the process's watchdog renews the lease until
+        release (or for at most ``max_hold`` seconds) and calls ``on_lost`` if
+        renewal fails.  ``label`` is stored with the lock for operators.
+        ``owner_prefix`` starts the lock's owner value, so that a supervisor
+        that knows it can free the lock of a holder that died
+        (:meth:`release_owner`); the rest stays 128 random bits.
+        ``count_as`` counts this lock's acquisitions, busy refusals and
+        releases under that label, inside the lock scripts (see :meth:`stats`).
+        ``details`` adds JSON-serialisable fields to the stored metadata.
+
+        Raises :class:`LockBusy` if the key stayed held, and
+        :class:`LockUnavailable` if a quorum could not be reached.
+        """
+        check_key(key)
+        ttl = check_ttl(ttl)
+        check_acquire_options(timeout=timeout, max_hold=max_hold, on_lost=on_lost, label=label)
+        check_text("owner_prefix", owner_prefix)
+        if count_as is not None:
+            check_text("count_as", count_as)
+
+        owner = owner_prefix + secrets.token_hex(16)
+        meta = holder_metadata(label, details)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempts = 0
+        waiter: ReleaseWaiter | None = None
+        try:
+            while True:
+                attempts += 1
+                outcome = self.attempt(key, owner, ttl, meta, attempts, count_as)
+                if isinstance(outcome, tuple):
+                    token, valid_until = outcome
+                    watchdog = self.watchdog if auto_extend else None
+                    lock = Lock(
+                        self,
+                        key,
+                        owner,
+                        token,
+                        ttl,
+                        valid_until,
+                        label=label,
+                        on_lost=on_lost,
+                        max_hold=max_hold,
+                        count_as=count_as,
+                        watchdog=watchdog,
+                    )
+                    if watchdog is not None:
+                        watchdog.watch(lock, self.extend_every)
+                    fault_point("after-acquire")
+                    return lock
+                now = time.monotonic()
+                out_of_time = now >= deadline if deadline is not None else attempts > self.retry_count
+                if not blocking or out_of_time:
+                    raise outcome
+                delay = self.retry_delay + random.uniform(0, self.retry_jitter)
+                if deadline is not None:
+                    delay = min(delay, deadline - now)
+                if isinstance(outcome, LockBusy):
+                    if waiter is None:
+                        # Listen first, then look again, so a release between
+                        # the attempt and the subscription is not missed.
+                        waiter = ReleaseWaiter.subscribe(self.nodes, self.keyspace.released(key))
+                        if waiter is not None:
+                            continue
+                    if outcome.retry_after is not None:
+                        delay = min(delay, outcome.retry_after)
+                if waiter is not None:
+                    waiter.wait(delay)
+                else:
+                    time.sleep(delay)
+        finally:
+            if waiter is not None:
+                waiter.close()
+
+    @contextmanager
+    def lock(
+        self,
+        key: str,
+        ttl: float,
+        *,
+        auto_extend: bool = True,
+        blocking: bool = True,
+        timeout: float | None = None,
+        on_lost: LostCallback | None = None,
+        max_hold: float | None = None,
+        label: str | None = None,
+    ) -> Iterator[Lock]:
+        """Hold the lock on ``key`` for the ``with`` block, then release it.
+
+        It is released on exit whether or not the block raised.  Arguments are
+        as for :meth:`acquire`, except that auto-extension is on by default.
+        """
+        held = self.acquire(
+            key,
+            ttl,
+            blocking=blocking,
+            timeout=timeout,
+            auto_extend=auto_extend,
+            on_lost=on_lost,
+            max_hold=max_hold,
+            label=label,
+        )
+        try:
+            yield held
+        finally:
+            held.release()
+
+    def release_owner(self, key: str, owner_prefix: str) -> bool:
+        """Release ``key`` if its owner value starts with ``owner_prefix``.
+
+        For supervisors: a process that started a holder with a known
+        ``owner_prefix`` frees the lock once that holder is known to be dead,
+        instead of waiting out the lease.  Returns True when a quorum released.
+        """
+        check_key(key)
+        if not isinstance(owner_prefix, str) or not owner_prefix:
+            raise ValueError("owner_prefix: must be a non-empty str")
+        command = scripts.release_prefix_call(self.keyspace, key, prefix=owner_prefix)
+        replies = self._quorum.broadcast(command, granted=is_one)
+        return sum(1 for r in replies if r == 1) >= self.quorum
+
+    def force_release(self, key: str) -> dict[str, Any] | None:
+        """Delete ``key``'s lock whoever holds it; returns the holder it had.
+
+        For operators clearing a stuck lock: it skips the owner check, so the
+        holder, if still running, is no longer protected.  Blocked waiters are
+        woken.  Returns ``None`` if no node held the key.
+        """
+        held = self.holder(key)
+        replies = self._quorum.read_all(scripts.force_release_call(self.keyspace, key))
+        removed = sum(1 for r in replies if r == 1)
+        logger.warning("forced release of lock %r (held by %s) on %d node(s)", key, held, removed)
+        return held if removed else None
+
+    def holder(self, key: str) -> dict[str, Any] | None:
+        """The metadata and token of whoever holds ``key`` on a quorum, if anyone.
+
+        For operators and diagnostics: it reads every node and takes no lock.
+        A holder found on fewer than a quorum of nodes (a lock being taken, or
+        one left on a minority) is not reported.
+        """
+        check_key(key)
+        replies = self._quorum.read_all(pack("HGETALL", self.keyspace.lock(key)))
+        copies: dict[bytes, list[dict[bytes, bytes]]] = {}
+        for reply in replies:
+            if isinstance(reply, list) and reply:
+                fields = dict(zip(reply[::2], reply[1::2], strict=True))
+                copies.setdefault(fields.get(b"owner", b""), []).append(fields)
+        for held in copies.values():
+            if len(held) >= self.quorum:
+                holder = parse_metadata(held[0].get(b"meta")) or {}
+                holder["token"] = max(int(fields.get(b"token", 0)) for fields in held)
+                return holder
+        return None
+
+    def count(self, label: str, event: str, amount: int = 1) -> None:
+        """Add to the counter ``<label>:<event>`` on every node, without waiting.
+
+        For events the lock scripts cannot see (a requeue, a skip, a loss):
+        the command is sent and its reply skipped later, so it costs no round
+        trip.
+        """
+        self._quorum.send_all(pack("HINCRBY", self.keyspace.stats, f"{label}:{event}", amount), self.nodes)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """The counters by label, read from the first node that answers.
+
+        Every node counts the same events, so one node is enough.
+        """
+        for node in self.nodes:
+            reply = node.execute(pack("HGETALL", self.keyspace.stats))
+            if isinstance(reply, BaseException):
+                continue
+            counters: dict[str, dict[str, int]] = {}
+            for field, value in zip(reply[::2], reply[1::2], strict=True):
+                label, _, event = field.decode().rpartition(":")
+                counters.setdefault(label, {})[event] = int(value)
+            return counters
+        raise LockUnavailable.for_key(None, attempts=1, reason="no node answered for the counters")
+
+    def close(self) -> None:
+        """Close the calling thread's connections to every node."""
+        for node in self.nodes:
+            node.close()
+
+    # -- the lease of a held lock (the LeaseManager of lease.Lock) ----------------
+
+    def lease_end(self, started: float, ttl: float) -> float:
+        """When a lease of ``ttl`` granted after ``started`` stops being safe to rely on (monotonic)."""
+        return started + ttl - (ttl * self.drift_factor + _DRIFT_FLOOR)
+
+    def renew_lease(self, key: str, owner: str, ttl: float) -> float:
+        """Renew ``owner``'s lease on a quorum; returns the new end of its validity.
+
+        Raises :class:`LockLost` when a quorum no longer holds it for
+        ``owner``, and :class:`LockUnavailable` when too few nodes answered.
+        """
+        started = time.monotonic()
+        command = scripts.extend_call(self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000))
+        replies = self._quorum.broadcast(command, granted=is_one)
+        extended = sum(1 for r in replies if r == 1)
+        valid_until = self.lease_end(started, ttl)
+        if extended >= self.quorum and time.monotonic() < valid_until:
+            return valid_until
+        if sum(1 for r in replies if r == 0) > len(self.nodes) - self.quorum:
+            raise LockLost(f"lock {key!r} is no longer ours on a quorum of nodes", key=key)
+        raise LockUnavailable.for_key(
+            key, attempts=1, errors=self._quorum.errors(replies), reason="could not extend on a quorum"
+        )
+
+    def release_lease(
+        self, key: str, owner: str, *, wait: bool = True, notify: bool = True, count_as: str | None = None
+    ) -> bool:
+        """Delete the lock wherever ``owner`` still holds it.
+
+        Returns True when a quorum confirmed.  With ``wait=False`` it sends
+        to every node and returns False at once: the replies are skipped on
+        the next call.  ``notify=False`` wakes no waiter: for cleaning up a
+        failed attempt, which a waiter would otherwise take for a release and
+        retry at once, again and again.
+        """
+        command = scripts.release_call(self.keyspace, key, owner=owner, notify=notify, count_as=count_as)
+        if not wait:
+            self._quorum.send_all(command, self.nodes)
+            return False
+        replies = self._quorum.broadcast(command, granted=is_one)
+        if sum(1 for r in replies if r == 1) >= self.quorum:
+            return True
+        errors = self._quorum.errors(replies)
+        if errors:
+            logger.warning("releasing %r: %d node(s) failed: %s", key, len(errors), errors)
+        return False
+
+    # -- one attempt -----------------------------------------------------------
+
+    def attempt(
+        self, key: str, owner: str, ttl: float, meta: str, attempt: int, count_as: str | None = None
+    ) -> tuple[int, float] | LockBusy | LockUnavailable:
+        """Try once for ``owner``.  Returns ``(token, valid_until)`` or the error to raise.
+
+        The low-level step of :meth:`acquire`, which checks the arguments;
+        ``meta`` is the holder metadata, ``attempt`` the attempt's number.
+        """
+        started = time.monotonic()
+        command = scripts.acquire_call(
+            self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000), meta=meta, count_as=count_as
+        )
+        replies = self._quorum.broadcast(command, granted=_is_granted)
+        outcomes = [scripts.parse_acquire(reply) for reply in replies]
+        tokens = {i: o.token for i, o in enumerate(outcomes) if isinstance(o, Granted)}
+        # Undoes this attempt wherever it may have taken the key, waking no waiter.
+        cleanup = scripts.release_call(self.keyspace, key, owner=owner, notify=False, count_as=None)
+
+        if len(tokens) >= self.quorum:
+            token = max(tokens.values())
+            if self._fence(token, tokens):
+                valid_until = self.lease_end(started, ttl)
+                if time.monotonic() < valid_until:
+                    return token, valid_until
+                reason = "the lease ran out while acquiring"
+            else:
+                reason = "the fencing token could not be stored on a quorum"
+            self._quorum.send_all(cleanup)
+            return LockUnavailable.for_key(key, attempts=attempt, errors=self._quorum.errors(replies), reason=reason)
+
+        busy = [o for o in outcomes if isinstance(o, Held)]
+        maybe_ours = [node for node, o in zip(self.nodes, outcomes, strict=True) if not isinstance(o, Held)]
+        if maybe_ours:
+            self._quorum.send_all(cleanup, maybe_ours)
+        if len(tokens) + len(busy) < self.quorum:
+            return LockUnavailable.for_key(key, attempts=attempt, errors=self._quorum.errors(replies))
+        holder = next((parse_metadata(o.meta) for o in busy if o.meta), None)
+        retry_after = max(o.pttl_ms for o in busy) / 1000 if busy else None
+        return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after)
+
+    def _fence(self, token: int, tokens: dict[int, int]) -> bool:
+        """Make sure a quorum's counters are at least ``token``.
+
+        Tokens must rise across holders even when their quorums differ; that
+        holds once every token was written to a quorum before it was handed
+        out, since any later quorum then meets one of those nodes.  Usually the
+        granting nodes already agree and no write is needed.
+        """
+        at_token = sum(1 for t in tokens.values() if t == token)
+        if at_token >= self.quorum:
+            return True
+        behind = [i for i, t in tokens.items() if t < token]
+        command = scripts.fence_floor_call(self.keyspace, token)
+        replies = fan_out(
+            [(self.nodes[i], command) for i in behind],
+            decided=lambda r: at_token + sum(1 for x in r if isinstance(x, int)) >= self.quorum,
+            timeout=self.socket_timeout,
+        )
+        return at_token + sum(1 for r in replies if isinstance(r, int)) >= self.quorum
+
+
+def check_acquire_options(*, timeout: object, max_hold: object, on_lost: object, label: object) -> None:
+    """Check :meth:`Redlock.acquire`'s optional arguments, naming the one that is wrong."""
+    if timeout is not None:
+        check_number("timeout", timeout, minimum=0)
+    if max_hold is not None:
+        check_number("max_hold", max_hold, minimum=0, exclusive=True)
+    if on_lost is not None and not callable(on_lost):
+        raise TypeError("on_lost: expected a callable")
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"label: expected str, got {type(label).__name__}")
+
+
+def _is_granted(reply: Reply) -> bool:
+    return isinstance(reply, list) and bool(reply) and reply[0] == b"granted"

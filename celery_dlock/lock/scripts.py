@@ -1,0 +1,192 @@
+"""The Lua scripts of plain locks: acquire, extend, release, fencing.
+
+Each has one typed wrapper: ``*_call`` packs a call and ``parse_*`` names
+what came back, so callers never see a bare reply code.  What the keys hold
+is in ``docs/architecture.md``; the handoff queue's scripts are in
+:mod:`~celery_dlock.lock.queue_scripts`.  Each connection loads every script
+when it connects (:data:`ALL`), so the hot path never pays a NOSCRIPT round
+trip.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from .keyspace import Keyspace
+from .script import COUNT, Granted, Held, Script, counted, reply_status
+
+__all__ = [
+    "ACQUIRE",
+    "ALL",
+    "EXTEND",
+    "FENCE_FLOOR",
+    "FORCE_RELEASE",
+    "RELEASE",
+    "RELEASE_PREFIX",
+    "acquire_call",
+    "extend_call",
+    "fence_floor_call",
+    "force_release_call",
+    "parse_acquire",
+    "release_call",
+    "release_prefix_call",
+]
+
+# -- plain locks ------------------------------------------------------------------------
+
+#: Take the lock, or report who holds it.  Idempotent for its owner, so a
+#: retried acquire is safe.
+ACQUIRE: Final = Script(
+    "acquire",
+    keys=("lock", "fence", "stats?"),
+    args=("owner", "lease_ms", "meta", "label?"),
+    body=COUNT
+    + """
+local holder = redis.call('HGET', lock, 'owner')
+if not holder then
+    local token = redis.call('INCR', fence)
+    redis.call('HSET', lock, 'owner', owner, 'token', token, 'meta', meta)
+    redis.call('PEXPIRE', lock, lease_ms)
+    count('acquired')
+    return {'granted', token}
+end
+if holder == owner then
+    redis.call('PEXPIRE', lock, lease_ms)
+    return {'granted', tonumber(redis.call('HGET', lock, 'token'))}
+end
+count('busy')
+return {'held', redis.call('HGET', lock, 'meta'), redis.call('PTTL', lock)}
+""",
+)
+
+
+def acquire_call(space: Keyspace, key: str, *, owner: str, lease_ms: int, meta: str, count_as: str | None) -> bytes:
+    """Pack :data:`ACQUIRE`."""
+    stats, label = counted(space, count_as)
+    return ACQUIRE.call([space.lock(key), space.fence, *stats], [owner, lease_ms, meta, *label])
+
+
+def parse_acquire(reply: Any) -> Granted | Held | None:
+    """What :data:`ACQUIRE` (or :data:`ACQUIRE_QUEUED`) answered; ``None`` for an error or no reply."""
+    status = reply_status(reply)
+    if status == b"granted":
+        return Granted(int(reply[1]))
+    if status == b"held":
+        return Held(reply[1] or None, int(reply[2]))
+    return None
+
+
+#: Renew the lease if the lock is still the owner's: 1, else 0.
+EXTEND: Final = Script(
+    "extend",
+    keys=("lock",),
+    args=("owner", "lease_ms"),
+    body="""
+if redis.call('HGET', lock, 'owner') == owner then
+    redis.call('PEXPIRE', lock, lease_ms)
+    return 1
+end
+return 0
+""",
+)
+
+
+def extend_call(space: Keyspace, key: str, *, owner: str, lease_ms: int) -> bytes:
+    """Pack :data:`EXTEND`."""
+    return EXTEND.call([space.lock(key)], [owner, lease_ms])
+
+
+#: Delete the lock if it is the owner's, waking waiters unless ``channel``
+#: is empty: 1, else 0.
+RELEASE: Final = Script(
+    "release",
+    keys=("lock", "stats?"),
+    args=("owner", "channel", "label?"),
+    body=COUNT
+    + """
+if redis.call('HGET', lock, 'owner') == owner then
+    redis.call('DEL', lock)
+    if channel ~= '' then
+        redis.call('PUBLISH', channel, '')
+    end
+    count('released')
+    return 1
+end
+return 0
+""",
+)
+
+
+def release_call(space: Keyspace, key: str, *, owner: str, notify: bool, count_as: str | None) -> bytes:
+    """Pack :data:`RELEASE`; ``notify=False`` wakes no waiter."""
+    stats, label = counted(space, count_as)
+    channel = space.released(key) if notify else ""
+    return RELEASE.call([space.lock(key), *stats], [owner, channel, *label])
+
+
+#: Delete the lock whoever holds it, waking waiters: 1 if there was one.
+FORCE_RELEASE: Final = Script(
+    "force_release",
+    keys=("lock",),
+    args=("channel",),
+    body="""
+if redis.call('DEL', lock) == 1 then
+    redis.call('PUBLISH', channel, '')
+    return 1
+end
+return 0
+""",
+)
+
+
+def force_release_call(space: Keyspace, key: str) -> bytes:
+    """Pack :data:`FORCE_RELEASE`."""
+    return FORCE_RELEASE.call([space.lock(key)], [space.released(key)])
+
+
+#: Delete the lock if its owner value starts with ``prefix``: 1, else 0.
+RELEASE_PREFIX: Final = Script(
+    "release_prefix",
+    keys=("lock",),
+    args=("prefix", "channel"),
+    body="""
+local holder = redis.call('HGET', lock, 'owner')
+if holder and string.sub(holder, 1, string.len(prefix)) == prefix then
+    redis.call('DEL', lock)
+    redis.call('PUBLISH', channel, '')
+    return 1
+end
+return 0
+""",
+)
+
+
+def release_prefix_call(space: Keyspace, key: str, *, prefix: str) -> bytes:
+    """Pack :data:`RELEASE_PREFIX`."""
+    return RELEASE_PREFIX.call([space.lock(key)], [prefix, space.released(key)])
+
+
+#: Raise the node's fencing counter to at least ``floor``; returns the counter.
+FENCE_FLOOR: Final = Script(
+    "fence_floor",
+    keys=("fence",),
+    args=("floor",),
+    body="""
+local current = tonumber(redis.call('GET', fence) or '0')
+local wanted = tonumber(floor)
+if current < wanted then
+    redis.call('SET', fence, wanted)
+    return wanted
+end
+return current
+""",
+)
+
+
+def fence_floor_call(space: Keyspace, floor: int) -> bytes:
+    """Pack :data:`FENCE_FLOOR`."""
+    return FENCE_FLOOR.call([space.fence], [floor])
+
+
+#: Every plain-lock script.
+ALL: Final = (ACQUIRE, EXTEND, RELEASE, RELEASE_PREFIX, FORCE_RELEASE, FENCE_FLOOR)

@@ -1,0 +1,79 @@
+"""Argument checks shared by every layer, each naming the parameter it refuses.
+
+They raise :class:`TypeError` for a value of the wrong type and
+:class:`ValueError` for one out of range, with the parameter's name first in
+the message; the Celery layer turns both into a
+:class:`~celery_dlock.lock.errors.ConfigurationError` naming the setting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Final
+
+__all__ = ["MIN_TTL", "check_choice", "check_int", "check_key", "check_number", "check_text", "check_ttl"]
+
+#: Redis counts leases in whole milliseconds.
+MIN_TTL: Final = 0.001
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    exclusive: bool = False,
+    below: float | None = None,
+) -> float:
+    """A finite int or float (never a bool) within the bounds; returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be finite, got {value!r}")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        bound = f"> {minimum}" if exclusive else f">= {minimum}"
+        raise ValueError(f"{name}: must be {bound}, got {value!r}")
+    if below is not None and value >= below:
+        raise ValueError(f"{name}: must be < {below}, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """A whole number (never a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_text(name: str, value: object) -> str:
+    """A str that Redis can be sent: encodable as UTF-8 (it may be empty)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected str, got {type(value).__name__}")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name}: not encodable as UTF-8: {exc}") from None
+    return value
+
+
+def check_key(key: object) -> str:
+    """A lock key: a non-empty str encodable as UTF-8."""
+    check_text("key", key)
+    if not key:
+        raise ValueError("key: must not be empty")
+    return key  # type: ignore[return-value]  # check_text proved it a str
+
+
+def check_ttl(ttl: object, name: str = "ttl") -> float:
+    """A lease in seconds: a finite number of at least a millisecond."""
+    return check_number(name, ttl, minimum=MIN_TTL)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """One of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
+    return str(value)

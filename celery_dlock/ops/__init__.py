@@ -1,0 +1,1 @@
+"""Operating the locks: inspection, forced release, health checks, ``celery dlock``."""
