@@ -6,6 +6,24 @@ works is in :mod:`celery_dlock.beat.scheduler` and ``docs/architecture.md``.
 
 from __future__ import annotations
 
-from .scheduler import CLAIM_PREFIX, ENTRY_HEADER, SLOT_HEADER, MultiBeatScheduler, Slot, locate
+from .scheduler import (
+    ENTRY_HEADER,
+    MAX_INSTANCES,
+    RETRY_INTERVAL,
+    SLOT_HEADER,
+    STALL_ALLOWANCE,
+    MultiBeatScheduler,
+)
+from .slots import CLAIM_PREFIX, Slot, locate
 
-__all__ = ["CLAIM_PREFIX", "ENTRY_HEADER", "SLOT_HEADER", "MultiBeatScheduler", "Slot", "locate"]
+__all__ = [
+    "CLAIM_PREFIX",
+    "ENTRY_HEADER",
+    "MAX_INSTANCES",
+    "RETRY_INTERVAL",
+    "SLOT_HEADER",
+    "STALL_ALLOWANCE",
+    "MultiBeatScheduler",
+    "Slot",
+    "locate",
+]

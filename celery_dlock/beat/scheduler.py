@@ -30,8 +30,8 @@ at, and the instant of the run after it.
 When a beat finds the current slot of an entry due (its own ``last_run_at`` is
 before the slot), it *claims* the slot through the lock core before it
 publishes anything: a non-blocking :meth:`~celery_dlock.lock.redlock.Redlock.acquire`
-of ``beat:<entry name>:<slot instant in UTC ISO 8601>`` (stored as
-``<dlock_key_prefix>lock:beat:...``) with a lease that lasts to the end of the
+of ``beat:<entry name>:<slot instant in UTC ISO 8601>`` (a lock like any other, see
+the keyspace table in ``docs/architecture.md``) with a lease that lasts to the end of the
 slot plus ``dlock_beat_max_skew`` plus 2 seconds.  The claim is never
 released; it expires.
 
@@ -100,19 +100,20 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any, Final
 
 from celery.beat import PersistentScheduler, ScheduleEntry, event_t
 from celery.schedules import BaseSchedule, crontab, schedstate
-from celery.schedules import schedule as interval
 from celery.utils.log import get_logger
 from celery.utils.time import maybe_make_aware
 from kombu.utils.url import maybe_sanitize_url
 
-from ..lock.errors import ConfigurationError, DLockError, LockBusy
-from ..celery.guard import BEAT_SLOT_HEADER
+from ..celery import compat
 from ..celery.app_state import AppLocks, locks_for
+from ..celery.headers import BEAT_ENTRY_HEADER, BEAT_SLOT_HEADER
+from ..lock.errors import ConfigurationError, DLockError, LockBusy
+from .slots import CLAIM_PREFIX, Slot, locate, utc
 
 try:
     import fcntl
@@ -132,10 +133,8 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-#: Claims live at ``<dlock_key_prefix>lock:beat:<entry name>:<slot>``.
-CLAIM_PREFIX: Final = "beat:"
 #: Message header naming the entry that published a run.
-ENTRY_HEADER: Final = "dlock_beat_entry"
+ENTRY_HEADER: Final = BEAT_ENTRY_HEADER
 #: Message header carrying the slot (its instant, UTC ISO 8601) of a run;
 #: ``single_flight(hold=period)`` reads it to place the run in its period.
 SLOT_HEADER: Final = BEAT_SLOT_HEADER
@@ -146,145 +145,6 @@ STALL_ALLOWANCE: Final = 2.0
 RETRY_INTERVAL: Final = 1.0
 #: How many ``<base>-<n>`` files one host may have.
 MAX_INSTANCES: Final = 1000
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MICROSECOND: Final = timedelta(microseconds=1)
-_SECOND: Final = timedelta(seconds=1)
-_HOUR: Final = timedelta(hours=1)
-
-
-# -- slots ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One scheduled run of one entry: due at :attr:`due`, until :attr:`ends`."""
-
-    #: The entry's name.
-    entry: str
-    #: The scheduled instant, in UTC.
-    due: datetime
-    #: The next scheduled instant, in UTC: the slot is current until then.
-    ends: datetime
-
-    @property
-    def id(self) -> str:
-        """The instant in UTC ISO 8601, with microseconds only if it has any."""
-        text = self.due.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-        if self.due.microsecond:
-            text += f".{self.due.microsecond:06d}"
-        return text + "Z"
-
-    @property
-    def key(self) -> str:
-        """The lock key that claims this slot."""
-        return f"{CLAIM_PREFIX}{self.entry}:{self.id}"
-
-
-def locate(sched: Any, now: datetime, last_run_at: datetime) -> tuple[datetime | None, datetime]:
-    """Where ``now`` falls in ``sched``, for an entry last run at ``last_run_at``.
-
-    Returns ``(due, upcoming)``, both in UTC: ``due`` is the latest instant
-    of the schedule in ``(last_run_at, now]``, or ``None`` if there is none
-    (the entry is not due), and ``upcoming`` is the first instant after
-    ``now`` (after ``due`` once that has run).  Raises
-    :class:`~celery_dlock.lock.errors.ConfigurationError` for a schedule it cannot
-    place in slots.
-    """
-    now = _utc(now)
-    last_run_at = _utc(last_run_at)
-    if isinstance(sched, interval):
-        return _locate_interval(sched, now, last_run_at)
-    if isinstance(sched, BaseSchedule) and callable(getattr(sched, "remaining_estimate", None)):
-        return _locate_instants(sched, now, last_run_at)
-    raise ConfigurationError(
-        f"celery_dlock.beat: cannot find the slots of schedule {sched!r}; intervals, crontab, "
-        "solar and BaseSchedule subclasses with remaining_estimate() are supported"
-    )
-
-
-def _locate_interval(sched: interval, now: datetime, last_run_at: datetime) -> tuple[datetime | None, datetime]:
-    period = sched.run_every // _MICROSECOND
-    if period <= 0:
-        raise ConfigurationError(f"celery_dlock.beat: the interval {sched.run_every} is not positive")
-    current = _micros(now) // period
-    handled = _micros(last_run_at) // period
-    if current > handled:
-        return _from_micros(current * period), _from_micros((current + 1) * period)
-    # Not due; if last_run_at is ahead of now (a clock that went back), wait for it.
-    return None, _from_micros((handled + 1) * period)
-
-
-def _locate_instants(sched: BaseSchedule, now: datetime, last_run_at: datetime) -> tuple[datetime | None, datetime]:
-    first = _next_instant(sched, last_run_at)
-    if first > now:
-        return None, first
-    second = _next_instant(sched, first)
-    if second > now:
-        due = first
-    else:
-        # Several instants were missed: find the latest one by bisection,
-        # keeping next(lo) <= now < next(hi).
-        lo, hi = first, now
-        while hi - lo > _SECOND:
-            mid = lo + (hi - lo) / 2
-            if _next_instant(sched, mid) <= now:
-                lo = mid
-            else:
-                hi = mid
-        due = _next_instant(sched, lo)
-    if not isinstance(sched, crontab):
-        due = _canonical(sched, due)
-    return due, _next_instant(sched, due)
-
-
-def _next_instant(sched: BaseSchedule, after: datetime) -> datetime:
-    """The first instant of ``sched`` strictly after ``after``, in UTC."""
-    found = _raw_next(sched, after)
-    if not isinstance(sched, crontab) and found - after < _SECOND:
-        # A solar event computed from a start a hair before it can come out
-        # as itself again: look past it.
-        found = _raw_next(sched, after + _SECOND)
-    return found
-
-
-def _raw_next(sched: BaseSchedule, after: datetime) -> datetime:
-    # remaining_estimate(t) is "next instant after t, minus now": freeze the
-    # schedule's clock at t to read the instant itself.  The beat is single
-    # threaded, so swapping nowfun for the call is safe.
-    saved = sched.nowfun
-    sched.nowfun = lambda: after
-    try:
-        remaining: timedelta = sched.remaining_estimate(after)
-    finally:
-        sched.nowfun = saved
-    return after + remaining
-
-
-def _canonical(sched: BaseSchedule, due: datetime) -> datetime:
-    """``due`` computed again from a fixed point before it, to the second.
-
-    An astronomical result differs in its last digits with the starting point
-    of the search; started from the hour before, every beat gets the same one.
-    """
-    anchor = due.replace(minute=0, second=0, microsecond=0) - _HOUR
-    again = _next_instant(sched, anchor)
-    if abs(again - due) < _SECOND:
-        due = again
-    return _from_micros(round(_micros(due) / 1_000_000) * 1_000_000)
-
-
-def _utc(moment: datetime) -> datetime:
-    aware: datetime = maybe_make_aware(moment)
-    return aware.astimezone(timezone.utc)
-
-
-def _micros(moment: datetime) -> int:
-    return (moment - _EPOCH) // _MICROSECOND
-
-
-def _from_micros(micros: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=micros)
 
 
 # -- the scheduler ---------------------------------------------------------------------
@@ -392,12 +252,12 @@ class MultiBeatScheduler(PersistentScheduler):  # type: ignore[misc]
         its cache), which would leave their clocks and time zones to whatever
         app is current; give them ours again.
         """
-        entries: dict[str, ScheduleEntry] = self._store["entries"]
+        entries = compat.stored_entries(self)
         if entries is not self._attached:
             for entry in entries.values():
                 if entry.app is None:
                     entry.app = self.app
-                if isinstance(entry.schedule, BaseSchedule) and entry.schedule._app is None:
+                if isinstance(entry.schedule, BaseSchedule) and compat.schedule_app(entry.schedule) is None:
                     entry.schedule.app = self.app
             self._attached = entries
         return entries
@@ -410,22 +270,23 @@ class MultiBeatScheduler(PersistentScheduler):  # type: ignore[misc]
         """The slot of ``entry`` due now, if any, and the seconds to the next one."""
         now = entry.default_now() if now is None else now
         due, upcoming = locate(entry.schedule, now, entry.last_run_at)
-        wait = max(0.0, (upcoming - _utc(now)).total_seconds())
+        wait = max(0.0, (upcoming - utc(now)).total_seconds())
         if due is None:
             return None, wait
         return Slot(entry.name, due, upcoming), wait
 
     def populate_heap(self, event_t: Any = event_t, heapify: Callable[[list[Any]], None] = heapq.heapify) -> None:
         """Order the entries by their slots, not by Celery's interval arithmetic."""
-        self._heap = []
+        heap = []
         for entry in self.schedule.values():
             try:
                 slot, wait = self.locate(entry)
                 delay = 0.0 if slot is not None else wait
             except Exception:
-                delay = self._is_due_failed(entry)[1]
-            self._heap.append(event_t(self._when(entry, delay) or 0, 5, entry))
-        heapify(self._heap)
+                delay = compat.failed_entry_delay(self, entry)
+            heap.append(event_t(compat.heap_time(self, entry, delay) or 0, 5, entry))
+        heapify(heap)
+        compat.set_heap(self, heap)
 
     def is_due(self, entry: ScheduleEntry) -> schedstate:
         """Whether this beat handles a run of ``entry`` now: claim its slot first.
@@ -444,11 +305,11 @@ class MultiBeatScheduler(PersistentScheduler):  # type: ignore[misc]
         if (
             deadline is not None
             and isinstance(entry.schedule, crontab)
-            and (_utc(now) - slot.due).total_seconds() > deadline
+            and (utc(now) - slot.due).total_seconds() > deadline
         ):
             self._outcomes[entry.name] = _Outcome(slot, tz, "stale")
             return schedstate(True, wait)
-        lease = max(0.0, (slot.ends - _utc(now)).total_seconds()) + self.max_skew + STALL_ALLOWANCE
+        lease = max(0.0, (slot.ends - utc(now)).total_seconds()) + self.max_skew + STALL_ALLOWANCE
         try:
             self._locks.redlock.acquire(slot.key, lease, blocking=False, label=self._label())
         except LockBusy as busy:
@@ -477,7 +338,7 @@ class MultiBeatScheduler(PersistentScheduler):  # type: ignore[misc]
         outcome = self._outcomes.get(entry.name)
         if outcome is None:
             return super().reserve(entry)
-        new_entry = entry._next_instance(last_run_at=outcome.slot.due.astimezone(outcome.tz))
+        new_entry = compat.next_entry(entry, outcome.slot.due.astimezone(outcome.tz))
         self.schedule[entry.name] = new_entry
         return new_entry
 
@@ -516,7 +377,7 @@ class MultiBeatScheduler(PersistentScheduler):  # type: ignore[misc]
     def _nodes(self) -> str:
         settings = self._locks.settings
         urls = ", ".join(str(maybe_sanitize_url(url)) for url in settings.redis_url)
-        return f"{urls} as {settings.key_prefix}lock:{CLAIM_PREFIX}<entry>:<slot>"
+        return f"{urls} as {self._locks.redlock.keyspace.lock(CLAIM_PREFIX + '<entry>:<slot>')}"
 
     def _label(self) -> str:
         return f"celery beat {socket.gethostname()} pid {os.getpid()} ({self.schedule_filename})"

@@ -11,9 +11,9 @@ import threading
 import weakref
 from typing import Any
 
-from .settings import Settings
 from ..lock.handoff import HandoffQueue
 from ..lock.redlock import Lock, Redlock
+from .settings import Settings
 
 __all__ = ["AppLocks", "locks_for"]
 

@@ -21,10 +21,9 @@ from datetime import timedelta
 from typing import Any, TypeVar, overload
 
 from celery import Task
-from celery._state import get_current_task
-from celery.local import Proxy
 
-from .guard import SingleFlight
+from .compat import is_lazy_task, on_evaluation, resolve, running_task
+from .guard import SingleFlight, guard_of, guarded_by
 from .keys import KeyTemplate
 from .options import SingleFlightOptions
 from .signals import connect_signals
@@ -93,12 +92,12 @@ def single_flight(target: Any = None, /, **options: Any) -> Any:
 
 def _decorate(target: Any, options: SingleFlightOptions) -> Any:
     connect_signals()
-    if isinstance(target, Proxy):
+    if is_lazy_task(target):
         # A lazy @app.task: guard the task once the app creates it.
-        if hasattr(target, "__then__") and not target.__evaluated__():
-            target.__then__(_guard_task, target, options)
-            return target
-        _guard_task(target._get_current_object(), options)
+        on_evaluation(target, _guard_task, target, options)
+        return target
+    if resolve(target) is not target:
+        _guard_task(resolve(target), options)
         return target
     if isinstance(target, Task):
         return _guard_task(target, options)
@@ -108,25 +107,25 @@ def _decorate(target: Any, options: SingleFlightOptions) -> Any:
 
 
 def _guard_function(function: Callable[..., Any], options: SingleFlightOptions) -> Callable[..., Any]:
-    if getattr(function, "_dlock_guard", None) is not None:
+    if guard_of(function) is not None:
         raise TypeError(f"single_flight: {function.__qualname__} is already single-flight")
     guard = SingleFlight(options, function)
 
     @functools.wraps(function)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        task = get_current_task()
-        if task is None or getattr(task.run, "_dlock_guard", None) is not guard:
+        task = running_task()
+        if task is None or guard_of(task) is not guard:
             task = None  # called as a plain function, not as this task's body
         call_args = args[1:] if guard.is_bound(task) else args
         return guard.run(task, lambda: function(*args, **kwargs), call_args, kwargs)
 
-    guarded._dlock_guard = guard  # type: ignore[attr-defined]
+    guarded_by(guarded, guard)
     return guarded
 
 
 def _guard_task(task: Any, options: SingleFlightOptions) -> Any:
-    task = task._get_current_object() if isinstance(task, Proxy) else task
-    if getattr(task.run, "_dlock_guard", None) is not None:
+    task = resolve(task)
+    if guard_of(task) is not None:
         raise TypeError(f"single_flight: task {task.name!r} is already single-flight")
     raw = inspect.getattr_static(type(task), "run")
     bound = not isinstance(raw, staticmethod)
@@ -138,6 +137,6 @@ def _guard_task(task: Any, options: SingleFlightOptions) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
         return guard.run(task, lambda: original(*args, **kwargs), args, kwargs)
 
-    run._dlock_guard = guard  # type: ignore[attr-defined]
+    guarded_by(run, guard)
     task.run = run
     return task

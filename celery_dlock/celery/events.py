@@ -1,9 +1,9 @@
-"""Celery monitoring events sent by the plugin.
+"""What the plugin tells monitors: task events, counters, and lost-lock reports.
 
-``task-lock-acquired``, ``task-requeued``, ``task-skipped`` and
-``task-lock-lost`` reach Flower and ``celery events`` like Celery's own task
-events, and are sent only when those are (``worker_send_task_events``, or
-``celery worker -E``).
+``task-lock-acquired``, ``task-requeued``, ``task-skipped``, ``task-parked``,
+``task-coalesced`` and ``task-lock-lost`` reach Flower and ``celery events``
+like Celery's own task events, and are sent only when those are
+(``worker_send_task_events``, or ``celery worker -E``).
 """
 
 from __future__ import annotations
@@ -11,14 +11,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery import Celery, Task
+from celery.app.task import Context
+from celery.utils.log import get_task_logger
+
+from ..lock.errors import DLockError
+from ..lock.lease import Lock
 from .app_state import locks_for
 
-__all__ = ["send_task_event"]
+__all__ = ["LossReporter", "describe", "report", "send_task_event"]
 
 logger = logging.getLogger(__name__)
+task_logger = get_task_logger(__name__)
 
 
-def send_task_event(app: Any, type_: str, *, uuid: str | None, hostname: str | None, **fields: Any) -> None:
+def send_task_event(app: Celery, type_: str, *, uuid: str | None, hostname: str | None, **fields: Any) -> None:
     """Send one task event for ``uuid`` if the worker sends task events."""
     if uuid is None or not locks_for(app).events:
         return
@@ -27,3 +34,40 @@ def send_task_event(app: Any, type_: str, *, uuid: str | None, hostname: str | N
             dispatcher.send(type_, uuid=uuid, **fields)
     except Exception:  # monitoring must never break a task
         logger.warning("could not send %s event for %s", type_, uuid, exc_info=True)
+
+
+def report(app: Celery, task: Task, request: Context, what: str, **fields: Any) -> None:
+    """Count ``what`` happening to a run and send its ``task-<what>`` event."""
+    locks_for(app).redlock.count(task.name, what)
+    send_task_event(app, f"task-{what}", uuid=request.id, hostname=request.hostname, **fields)
+
+
+def describe(task: Task | None, task_id: str | None) -> str:
+    """``name[id]`` of a run, for log lines."""
+    name = getattr(task, "name", None) or "<direct call>"
+    return f"{name}[{task_id}]" if task_id else name
+
+
+class LossReporter:
+    """The ``on_lost`` callback of a running task's lock, called by the watchdog."""
+
+    def __init__(self, task: Task | None, app: Celery, task_id: str | None, hostname: str | None) -> None:
+        self.task, self.app, self.task_id, self.hostname = task, app, task_id, hostname
+
+    def __call__(self, lock: Lock, error: DLockError) -> None:
+        """Log, count and announce the loss, then call the task's ``on_lock_lost``."""
+        task_logger.warning("lock %r of %s lost mid-body: %s", lock.key, describe(self.task, self.task_id), error)
+        if lock.count_as:
+            locks_for(self.app).redlock.count(lock.count_as, "lost")
+        send_task_event(
+            self.app,
+            "task-lock-lost",
+            uuid=self.task_id,
+            hostname=self.hostname,
+            key=lock.key,
+            token=lock.token,
+            reason=str(error),
+        )
+        hook = getattr(self.task, "on_lock_lost", None)
+        if hook is not None:
+            hook(lock, error)

@@ -9,20 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
-from .settings import (
-    BUSY_POLICIES,
-    FAIL_MODES,
-    QUEUE_FULL,
-    WAIT_FALLBACKS,
-    Settings,
-    check_choice,
-    check_count,
-    check_positive,
-)
 from ..lock.errors import ConfigurationError
 from .keys import KeyTemplate
+from .settings import Settings, checked
 
 __all__ = ["Policy", "SingleFlightOptions"]
 
@@ -67,11 +58,11 @@ class SingleFlightOptions:
         if isinstance(self.hold, timedelta):
             object.__setattr__(self, "hold", self.hold.total_seconds())
         if self.hold is not None and self.hold is not True:
-            check_positive("hold", self.hold)
-        for name, check in _CHECKS.items():
+            checked("hold", self.hold)
+        for name in _CHECKED:
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, check(name, value))
+                object.__setattr__(self, name, checked(name, value))
 
     @classmethod
     def coerce(cls, value: Any, *, task_name: str) -> SingleFlightOptions:
@@ -146,16 +137,17 @@ class Policy:
         return self.on_busy in ("queue", "coalesce")
 
 
-_CHECKS: dict[str, Any] = {
-    "ttl": check_positive,
-    "on_busy": check_choice(BUSY_POLICIES),
-    "max_requeues": check_count,
-    "requeue_delay": check_positive,
-    "requeue_max_delay": check_positive,
-    "wait_timeout": check_positive,
-    "wait_fallback": check_choice(WAIT_FALLBACKS),
-    "fail_mode": check_choice(FAIL_MODES),
-    "max_hold": check_positive,
-    "max_queued": check_count,
-    "queue_full": check_choice(QUEUE_FULL),
-}
+#: The options checked as the settings of the same name are.
+_CHECKED: Final = (
+    "ttl",
+    "on_busy",
+    "max_requeues",
+    "requeue_delay",
+    "requeue_max_delay",
+    "wait_timeout",
+    "wait_fallback",
+    "fail_mode",
+    "max_hold",
+    "max_queued",
+    "queue_full",
+)

@@ -11,15 +11,28 @@ This module imports nothing from Celery: it reads any mapping-like ``conf``.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final
 
 from ..lock.errors import ConfigurationError
+from ..lock.keyspace import DEFAULT_PREFIX
 from ..lock.nodes import parse_url
+from ..lock.validation import check_choice, check_int, check_number, check_text
 
-__all__ = ["BUSY_POLICIES", "FAIL_MODES", "QUEUE_FULL", "WAIT_FALLBACKS", "Settings", "broker_visibility_timeout"]
+__all__ = [
+    "BUSY_POLICIES",
+    "CHECKS",
+    "FAIL_MODES",
+    "QUEUE_FULL",
+    "WAIT_FALLBACKS",
+    "Settings",
+    "broker_visibility_timeout",
+    "checked",
+]
+
+#: Checks one value, given the name to show in its error.
+Check = Callable[[str, Any], Any]
 
 #: What a task does when its key is held: see the README's policy table.
 BUSY_POLICIES: Final = ("requeue", "skip", "wait", "raise", "queue", "coalesce")
@@ -43,7 +56,7 @@ class Settings:
     #: One Redis URL, or several for a Redlock quorum over independent masters.
     redis_url: tuple[str, ...] = (DEFAULT_REDIS_URL,)
     #: Prepended to every Redis key and channel the plugin uses.
-    key_prefix: str = "dlock:"
+    key_prefix: str = DEFAULT_PREFIX
     #: The lease in seconds; the watchdog renews it while the body runs.
     default_ttl: float = 30.0
     #: What a duplicate does when the key is held.
@@ -99,8 +112,7 @@ class Settings:
         unknown = set(values) - {field.name for field in fields(cls)}
         if unknown:
             raise ConfigurationError(f"unknown dlock setting(s): {', '.join(sorted(unknown))}")
-        checked = {name: _CHECKS[name](cls.PREFIX + name, value) for name, value in values.items()}
-        settings = cls(**checked)
+        settings = cls(**{name: checked(name, value, shown_as=cls.PREFIX + name) for name, value in values.items()})
         if settings.requeue_max_delay < settings.requeue_delay:
             raise ConfigurationError(
                 f"dlock_requeue_max_delay ({settings.requeue_max_delay}) must be >= "
@@ -156,61 +168,52 @@ def check_redis_url(name: str, value: Any) -> tuple[str, ...]:
     return tuple(urls)
 
 
-def check_choice(choices: tuple[str, ...]) -> Any:
-    """A checker accepting one of ``choices``."""
-
-    def check(name: str, value: Any) -> str:
-        if value not in choices:
-            raise ConfigurationError(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
-        return str(value)
-
-    return check
+def _choice(choices: tuple[str, ...]) -> Check:
+    return lambda name, value: check_choice(name, value, choices)
 
 
-def check_positive(name: str, value: Any) -> float:
-    """A finite number greater than zero."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigurationError(f"{name}: expected a finite number of seconds, got {value!r}")
-    if value <= 0:
-        raise ConfigurationError(f"{name}: must be > 0, got {value!r}")
-    return float(value)
+def _positive(name: str, value: Any) -> float:
+    return check_number(name, value, minimum=0, exclusive=True)
 
 
-def check_seconds(name: str, value: Any) -> float:
-    """A finite number of seconds, zero or more."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigurationError(f"{name}: expected a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+def _seconds(name: str, value: Any) -> float:
+    return check_number(name, value, minimum=0)
 
 
-def check_count(name: str, value: Any) -> int:
-    """A whole number, zero or more."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{name}: expected a whole number >= 0, got {value!r}")
-    return value
+def _count(name: str, value: Any) -> int:
+    return check_int(name, value, minimum=0)
 
 
-def check_prefix(name: str, value: Any) -> str:
-    """Any string, the empty one included."""
-    if not isinstance(value, str):
-        raise ConfigurationError(f"{name}: expected a string, got {value!r}")
-    return value
-
-
-_CHECKS: Final = {
+#: One check for each setting and task option, by its short name.
+CHECKS: Final[Mapping[str, Check]] = {
     "redis_url": check_redis_url,
-    "key_prefix": check_prefix,
-    "default_ttl": check_positive,
-    "on_busy": check_choice(BUSY_POLICIES),
-    "fail_mode": check_choice(FAIL_MODES),
-    "max_requeues": check_count,
-    "requeue_delay": check_positive,
-    "requeue_max_delay": check_positive,
-    "wait_timeout": check_positive,
-    "wait_fallback": check_choice(WAIT_FALLBACKS),
-    "socket_timeout": check_positive,
-    "max_queued": check_count,
-    "queue_full": check_choice(QUEUE_FULL),
-    "sweep_interval": check_positive,
-    "beat_max_skew": check_seconds,
+    "key_prefix": check_text,
+    "default_ttl": _positive,
+    "ttl": _positive,
+    "on_busy": _choice(BUSY_POLICIES),
+    "fail_mode": _choice(FAIL_MODES),
+    "max_requeues": _count,
+    "requeue_delay": _positive,
+    "requeue_max_delay": _positive,
+    "wait_timeout": _positive,
+    "wait_fallback": _choice(WAIT_FALLBACKS),
+    "socket_timeout": _positive,
+    "max_queued": _count,
+    "queue_full": _choice(QUEUE_FULL),
+    "sweep_interval": _positive,
+    "beat_max_skew": _seconds,
+    "max_hold": _positive,
+    "hold": _positive,
 }
+
+
+def checked(name: str, value: Any, *, shown_as: str | None = None) -> Any:
+    """``value`` checked as the setting or option ``name``, else a :class:`ConfigurationError`.
+
+    The error names ``shown_as`` (by default ``name``): the full setting
+    name, or the option as the decorator takes it.
+    """
+    try:
+        return CHECKS[name](shown_as or name, value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(str(exc)) from None

@@ -26,13 +26,14 @@ from billiard.exceptions import WorkerLostError
 from celery import bootsteps, signals
 from celery.exceptions import TimeLimitExceeded
 
-from .settings import broker_visibility_timeout
 from ..lock.errors import ConfigurationError
-from .guard import publish_handoff
-from ..lock.handoff import Handoff
 from .app_state import known_apps, locks_for
+from .checks import task_problems
+from .guard import guard_of
+from .handoffs import hand_on_stranded
+from .settings import broker_visibility_timeout
 
-__all__ = ["connect_signals"]
+__all__ = ["SettingsCheck", "check_worker", "connect_signals"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +60,6 @@ def connect_signals() -> None:
         _connected = True
 
 
-def guard_of(task: Any) -> Any:
-    """The :class:`~celery_dlock.celery.guard.SingleFlight` of ``task``, or ``None``."""
-    run = getattr(task, "run", None)
-    return getattr(run, "_dlock_guard", None)
-
-
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # Signal receivers cannot stop a worker (their errors are only logged), but
     # a bootstep that raises does: the check runs as one, before the pool starts.
@@ -86,22 +81,10 @@ class SettingsCheck(bootsteps.StartStopStep):  # type: ignore[misc]
         self.queues = check_worker(worker)
 
     def start(self, worker: Any) -> None:
+        """Start the handoff sweep on the worker's timer, if any task parks messages."""
         if self.queues:
             interval = locks_for(worker.app).settings.sweep_interval
             worker.timer.call_repeatedly(interval, _sweep, (worker.app,))
-
-
-def hand_on_stranded(app: Any) -> list[Handoff]:
-    """Publish the next message of every queue whose holder has gone; returns them.
-
-    Raises :class:`~celery_dlock.lock.errors.LockUnavailable` if the lock node
-    cannot be reached.
-    """
-    locks = locks_for(app)
-    handoffs = locks.handoff_queue.sweep(locks.settings.default_ttl)
-    for handoff in handoffs:
-        publish_handoff(app, handoff)
-    return handoffs
 
 
 def _sweep(app: Any) -> None:
@@ -131,20 +114,10 @@ def check_worker(worker: Any) -> bool:
         if guard is None:
             continue
         policy = guard.policy(locks)
-        if policy.queues:
-            queues = True
-            if len(locks.settings.redis_url) != 1:
-                raise ConfigurationError(
-                    f"task {task.name!r}: on_busy={policy.on_busy!r} keeps its queue on one Redis node, "
-                    f"but dlock_redis_url lists {len(locks.settings.redis_url)}"
-                )
-        if visibility is not None and policy.requeue_max_delay >= visibility:
-            raise ConfigurationError(
-                f"task {task.name!r}: requeue_max_delay={policy.requeue_max_delay}s reaches the Redis "
-                f"broker's visibility_timeout={visibility}s, so a requeued message would be "
-                "delivered twice; lower dlock_requeue_max_delay or raise "
-                "broker_transport_options['visibility_timeout']"
-            )
+        queues = queues or policy.queues
+        for problem in task_problems(policy, locks.settings, visibility):
+            if problem.fatal:
+                raise ConfigurationError(f"task {task.name!r}: {problem.text}")
     return queues
 
 

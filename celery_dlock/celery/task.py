@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from celery import Task
 
 from ..lock.errors import DLockError
-from .guard import SingleFlight, current_lock
+from ..lock.lease import Lock
+from .guard import SingleFlight, current_lock, guard_of, guarded_by
 from .options import SingleFlightOptions
-from ..lock.redlock import Lock
 from .signals import connect_signals
 
 __all__ = ["SingleFlightTask"]
@@ -46,16 +48,17 @@ class SingleFlightTask(Task):  # type: ignore[misc]
         if "single_flight" not in cls.__dict__ and "run" not in cls.__dict__:
             return  # inherits an already guarded run
         raw = inspect.getattr_static(cls, "run")
-        original = getattr(raw, "_dlock_original", raw)
-        if getattr(_unwrap(original), "_dlock_guard", None) is not None:
+        inherited = guard_of(_unwrap(raw)) if _unwrap(raw) in _class_guarded else None
+        if inherited is not None:
+            # A subclass with options of its own: guard the original body again.
+            function, bound = inherited.function, bool(inherited.bound)
+        elif guard_of(_unwrap(raw)) is not None:
             raise TypeError(f"task {cls.__name__}: both @single_flight and single_flight= are given; use one")
+        else:
+            function, bound = _unwrap(raw), not isinstance(raw, staticmethod)
         options = SingleFlightOptions.coerce(cls.single_flight, task_name=cls.__name__)
         cls.single_flight = options
-        bound = not isinstance(original, staticmethod)
-        function = _unwrap(original)
-        guard = SingleFlight(options, function, bound=bound)
-        cls.run = _guarded_method(guard, function, bound)
-        cls.run._dlock_original = original
+        cls.run = _guarded_method(SingleFlight(options, function, bound=bound), function, bound)
         connect_signals()
 
     @property
@@ -83,6 +86,10 @@ class SingleFlightTask(Task):  # type: ignore[misc]
         """
 
 
+#: The ``run`` methods made here, as opposed to functions guarded by ``@single_flight``.
+_class_guarded: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
 def _unwrap(run: Any) -> Any:
     return run.__func__ if isinstance(run, staticmethod) else run
 
@@ -104,5 +111,6 @@ def _guarded_method(guard: SingleFlight, function: Any, bound: bool) -> Any:
         run.__signature__ = signature.replace(  # type: ignore[attr-defined]
             parameters=[self_param, *signature.parameters.values()]
         )
-    run._dlock_guard = guard  # type: ignore[attr-defined]
+    guarded_by(run, guard)
+    _class_guarded.add(run)
     return run

@@ -39,6 +39,20 @@ class Quorum:
             timeout=self.socket_timeout,
         )
 
+    def confirm(self, command: bytes, indices: Sequence[int], *, already: int) -> bool:
+        """Send ``command`` to the nodes at ``indices`` until, with ``already``, a quorum answered.
+
+        Any integer reply counts as an answer; returns whether a quorum did.
+        """
+        if already >= self.size:
+            return True
+        replies = fan_out(
+            [(self.nodes[i], command) for i in indices],
+            decided=lambda r: already + sum(1 for x in r if isinstance(x, int)) >= self.size,
+            timeout=self.socket_timeout,
+        )
+        return already + sum(1 for r in replies if isinstance(r, int)) >= self.size
+
     def read_all(self, command: bytes) -> list[Reply]:
         """Send ``command`` to every node and wait for every reply (or the timeout)."""
         return fan_out([(node, command) for node in self.nodes], decided=lambda r: False, timeout=self.socket_timeout)

@@ -33,11 +33,11 @@ from .faults import fault_point
 from .keyspace import DEFAULT_PREFIX, Keyspace
 from .lease import Lock, LostCallback
 from .metadata import holder_metadata, parse_metadata
-from .nodes import Node, Reply, fan_out
+from .nodes import Node, Reply
 from .quorum import Quorum, is_one
 from .resp import pack
 from .script import Granted, Held
-from .validation import check_int, check_key, check_number, check_text, check_ttl
+from .validation import check_acquire_options, check_int, check_key, check_number, check_text, check_ttl
 from .waiting import ReleaseWaiter
 from .watchdog import Watchdog, default_watchdog
 
@@ -444,28 +444,8 @@ class Redlock:
         granting nodes already agree and no write is needed.
         """
         at_token = sum(1 for t in tokens.values() if t == token)
-        if at_token >= self.quorum:
-            return True
         behind = [i for i, t in tokens.items() if t < token]
-        command = scripts.fence_floor_call(self.keyspace, token)
-        replies = fan_out(
-            [(self.nodes[i], command) for i in behind],
-            decided=lambda r: at_token + sum(1 for x in r if isinstance(x, int)) >= self.quorum,
-            timeout=self.socket_timeout,
-        )
-        return at_token + sum(1 for r in replies if isinstance(r, int)) >= self.quorum
-
-
-def check_acquire_options(*, timeout: object, max_hold: object, on_lost: object, label: object) -> None:
-    """Check :meth:`Redlock.acquire`'s optional arguments, naming the one that is wrong."""
-    if timeout is not None:
-        check_number("timeout", timeout, minimum=0)
-    if max_hold is not None:
-        check_number("max_hold", max_hold, minimum=0, exclusive=True)
-    if on_lost is not None and not callable(on_lost):
-        raise TypeError("on_lost: expected a callable")
-    if label is not None and not isinstance(label, str):
-        raise TypeError(f"label: expected str, got {type(label).__name__}")
+        return self._quorum.confirm(scripts.fence_floor_call(self.keyspace, token), behind, already=at_token)
 
 
 def _is_granted(reply: Reply) -> bool:

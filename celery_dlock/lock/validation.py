@@ -12,7 +12,16 @@ import math
 from collections.abc import Sequence
 from typing import Final
 
-__all__ = ["MIN_TTL", "check_choice", "check_int", "check_key", "check_number", "check_text", "check_ttl"]
+__all__ = [
+    "MIN_TTL",
+    "check_acquire_options",
+    "check_choice",
+    "check_int",
+    "check_key",
+    "check_number",
+    "check_text",
+    "check_ttl",
+]
 
 #: Redis counts leases in whole milliseconds.
 MIN_TTL: Final = 0.001
@@ -77,3 +86,15 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(choices)}; got {value!r}")
     return str(value)
+
+
+def check_acquire_options(*, timeout: object, max_hold: object, on_lost: object, label: object) -> None:
+    """Check an acquire's optional arguments, naming the one that is wrong."""
+    if timeout is not None:
+        check_number("timeout", timeout, minimum=0)
+    if max_hold is not None:
+        check_number("max_hold", max_hold, minimum=0, exclusive=True)
+    if on_lost is not None and not callable(on_lost):
+        raise TypeError("on_lost: expected a callable")
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"label: expected str, got {type(label).__name__}")

@@ -10,7 +10,8 @@ works on the app given to ``celery -A``::
     celery -A proj dlock stats
     celery -A proj dlock doctor
 
-The work is done by :mod:`celery_dlock.ops.doctor`; this module only formats it.
+The work is done by :mod:`celery_dlock.ops.inspect` and :mod:`celery_dlock.ops.doctor`;
+this module only formats it.
 """
 
 from __future__ import annotations
@@ -27,21 +28,11 @@ from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_FAILURE, EX_UNAVAILABLE
 from redis.exceptions import RedisError
 
-from .doctor import (
-    Check,
-    HeldLock,
-    Released,
-    Verdict,
-    diagnose,
-    force_release,
-    glob_escape,
-    held_locks,
-    lock_details,
-    parked_tickets,
-    worst,
-)
-from ..lock.errors import LockUnavailable
 from ..celery.app_state import locks_for
+from ..lock.errors import LockUnavailable
+from ..lock.keyspace import glob_escape
+from .doctor import Check, Verdict, diagnose, worst
+from .inspect import HeldLock, Released, force_release, held_locks, lock_details, parked_tickets
 
 __all__ = ["EVENTS", "dlock"]
 

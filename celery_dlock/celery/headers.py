@@ -1,0 +1,26 @@
+"""The message headers the plugin reads and writes.
+
+Headers travel with a task message, so they survive a requeue, a handoff and
+a redelivery; the task reads them as ``self.request.<name>``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["BEAT_ENTRY_HEADER", "BEAT_SLOT_HEADER", "REQUEUES_HEADER", "TICKET_HEADER"]
+
+#: Counts lock-busy requeues of one message, apart from ``retries``.
+REQUEUES_HEADER: Final = "dlock_requeues"
+
+#: A handed-off message's claim: ``<ticket>@<retries>``.  A copy made by
+#: ``retry()`` carries the header but a higher ``retries``, and so counts as a
+#: new arrival rather than a claim on a spent ticket.
+TICKET_HEADER: Final = "dlock_ticket"
+
+#: The entry name of a run published by :class:`~celery_dlock.beat.MultiBeatScheduler`.
+BEAT_ENTRY_HEADER: Final = "dlock_beat_entry"
+
+#: The slot (its instant, UTC ISO 8601) of a run published by the multi-beat
+#: scheduler; ``single_flight(hold=period)`` reads it to place the run in its period.
+BEAT_SLOT_HEADER: Final = "dlock_beat_slot"
