@@ -34,7 +34,7 @@ from redis.retry import Retry
 
 from .resp import pack
 
-__all__ = ["NO_REPLY", "Node", "Reply", "fan_out", "parse_url"]
+__all__ = ["NO_REPLY", "Node", "Readiness", "Reply", "fan_out", "mask_url", "parse_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -303,34 +303,73 @@ def fan_out(
         else:
             waiting.append(index)
 
-    if len(calls) == 1 and waiting and not decided(replies):
+    if not waiting or decided(replies):
+        for index in waiting:
+            calls[index][0].abandon()
+        return replies
+    if len(calls) == 1:
         replies[0] = calls[0][0].read(block=True)
         return replies
 
     deadline = time.monotonic() + timeout
-    poller = select.poll()
+    readiness = Readiness()
     by_fd: dict[int, int] = {}
     for index in waiting:
         fd = calls[index][0].fileno()
         by_fd[fd] = index
-        poller.register(fd, select.POLLIN)
+        readiness.add(fd)
     while waiting and not decided(replies):
         left = deadline - time.monotonic()
-        events = poller.poll(left * 1000) if left > 0 else []
-        if not events:
+        ready = readiness.wait(left) if left > 0 else []
+        if not ready:
             for index in waiting:
                 replies[index] = RedisTimeoutError(f"no reply within {timeout}s")
             break
-        for fd, _ in events:
+        for fd in ready:
             index = by_fd[fd]
             reply = calls[index][0].read()
             if reply is not NO_REPLY:
                 replies[index] = reply
                 waiting.remove(index)
-                poller.unregister(fd)
+                readiness.remove(fd)
     for index in waiting:
         calls[index][0].abandon()
     return replies
+
+
+class Readiness:
+    """Which of some sockets have data to read: ``poll`` where the pool has it, else ``select``.
+
+    Eventlet's green ``select`` module has no ``poll``, and it replaces the
+    real one in place when it monkey-patches, so the choice is made per use.
+    gevent's green ``poll`` and the standard one are used as they are.
+    """
+
+    __slots__ = ("_fds", "_poller")
+
+    def __init__(self) -> None:
+        poll = getattr(select, "poll", None)
+        self._poller = poll() if poll is not None else None
+        self._fds: set[int] = set()
+
+    def add(self, fd: int) -> None:
+        """Watch ``fd`` for data."""
+        if self._poller is not None:
+            self._poller.register(fd, select.POLLIN)
+        self._fds.add(fd)
+
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd``."""
+        if self._poller is not None:
+            self._poller.unregister(fd)
+        self._fds.discard(fd)
+
+    def wait(self, timeout: float) -> list[int]:
+        """The watched descriptors with data, waiting up to ``timeout`` seconds for one."""
+        if self._poller is not None:
+            return [fd for fd, _ in self._poller.poll(timeout * 1000)]
+        readable, _, _ = select.select(list(self._fds), [], [], timeout)
+        return readable
 
 
 def parse_url(url: str) -> ConnectionPool:
@@ -343,10 +382,11 @@ def parse_url(url: str) -> ConnectionPool:
                 raise ValueError("no host")
         return ConnectionPool.from_url(url)
     except ValueError as exc:
-        raise ValueError(f"nodes: malformed Redis URL {_mask(url)!r}: {exc}") from None
+        raise ValueError(f"nodes: malformed Redis URL {mask_url(url)!r}: {exc}") from None
 
 
-def _mask(url: str) -> str:
+def mask_url(url: str) -> str:
+    """``url`` with its password, if any, shown as ``***``."""
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
