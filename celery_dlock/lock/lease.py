@@ -227,10 +227,16 @@ class Lock:
         with self._mutex:
             if self._released:
                 return False
-            if time.monotonic() >= self._valid_until:
-                self._lost = True
+            lapsed = not self._lost and time.monotonic() >= self._valid_until
             self._released = True
             if self._watchdog is not None:
                 self._watchdog.forget(self)
             fault_point("before-release")
-            return self.do_release(wait)
+            released = self.do_release(wait)
+        if lapsed:
+            # Nothing renewed it in time (say, a body that never let the
+            # watchdog thread run): the loss is reported now, at the latest.
+            self.report_lost(
+                LockLost(f"lock {self.key!r} (token {self.token}) lapsed before its release", key=self.key)
+            )
+        return released
