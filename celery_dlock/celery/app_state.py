@@ -75,13 +75,14 @@ _registry_lock = threading.Lock()
 
 def locks_for(app: Any) -> AppLocks:
     """The :class:`AppLocks` of ``app``, reading its settings on first call."""
-    try:
-        return _registry[app]
-    except KeyError:
+    locks = _registry.get(app)
+    if locks is None:
+        # Built outside any except block, so a bad setting's error is the only one shown.
         with _registry_lock:
-            if app not in _registry:
-                _registry[app] = AppLocks(app)
-            return _registry[app]
+            locks = _registry.get(app)
+            if locks is None:
+                locks = _registry[app] = AppLocks(app)
+    return locks
 
 
 def known_apps() -> list[tuple[Any, AppLocks]]:

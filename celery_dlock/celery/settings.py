@@ -11,13 +11,14 @@ This module imports nothing from Celery: it reads any mapping-like ``conf``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Final
 
 from ..lock.errors import ConfigurationError
 from ..lock.keyspace import DEFAULT_PREFIX
-from ..lock.nodes import parse_url
+from ..lock.nodes import mask_url, parse_url
 from ..lock.validation import check_choice, check_int, check_number, check_text
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "Settings",
     "broker_visibility_timeout",
     "checked",
+    "lock_address",
+    "unknown_settings",
 ]
 
 #: Checks one value, given the name to show in its error.
@@ -46,7 +49,8 @@ WAIT_FALLBACKS: Final = ("requeue", "skip", "raise")
 #: ``closed``: never run unlocked; ``open``: run unlocked, with a warning.
 FAIL_MODES: Final = ("closed", "open")
 
-DEFAULT_REDIS_URL: Final = "redis://localhost:6379/0"
+#: URL schemes whose URL names exactly one Redis server, usable as a lock node.
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,9 @@ class Settings:
     """The app-wide defaults; each task may override most of them."""
 
     #: One Redis URL, or several for a Redlock quorum over independent masters.
-    redis_url: tuple[str, ...] = (DEFAULT_REDIS_URL,)
+    #: Unset, it is derived from ``broker_url`` or ``result_backend`` where that
+    #: is exact (see :func:`lock_address`), and refused otherwise.
+    redis_url: tuple[str, ...] = ()
     #: Prepended to every Redis key and channel the plugin uses.
     key_prefix: str = DEFAULT_PREFIX
     #: The lease in seconds; the watchdog renews it while the body runs.
@@ -94,7 +100,11 @@ class Settings:
 
     @classmethod
     def from_app(cls, app: Any) -> Settings:
-        """Read and check the settings of a Celery app."""
+        """Read and check the settings of a Celery app.
+
+        Raises :class:`ConfigurationError` naming the first bad setting, and
+        naming ``dlock_redis_url`` when it is unset and cannot be derived.
+        """
         conf = app.conf
         values: dict[str, Any] = {}
         for field in fields(cls):
@@ -102,13 +112,18 @@ class Settings:
             value = _lookup(conf, name)
             if value is not None:
                 values[field.name] = value
-        if "redis_url" not in values:
-            values["redis_url"] = _fallback_url(conf)
-        return cls.from_mapping(values)
+        settings = cls.from_mapping(values)
+        if not settings.redis_url:
+            urls, _ = lock_address(conf)
+            settings = replace(settings, redis_url=urls)
+        return settings
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
-        """Build settings from short names (``redis_url``...), checking each."""
+        """Build settings from short names (``redis_url``...), checking each.
+
+        ``redis_url`` may be left out here; :meth:`from_app` derives it.
+        """
         unknown = set(values) - {field.name for field in fields(cls)}
         if unknown:
             raise ConfigurationError(f"unknown dlock setting(s): {', '.join(sorted(unknown))}")
@@ -132,12 +147,79 @@ def _lookup(conf: Any, name: str) -> Any:
     return None
 
 
-def _fallback_url(conf: Any) -> tuple[str, ...]:
-    for name in ("broker_url", "result_backend"):
-        url = _lookup(conf, name)
-        if isinstance(url, str) and url.split("://", 1)[0] in ("redis", "rediss", "unix"):
-            return (url,)
-    return (DEFAULT_REDIS_URL,)
+def unknown_settings(conf: Any) -> list[tuple[str, str | None]]:
+    """Each ``dlock_``-prefixed key of ``conf`` that is not a setting, with the likeliest one meant.
+
+    Upper-case keys and a ``CELERY_`` namespace (Django's
+    ``config_from_object(..., namespace="CELERY")``) are recognised too.
+    """
+    known = Settings.names()
+    found = []
+    for key in _keys(conf):
+        name = key.lower()
+        if name.startswith("celery_dlock_"):
+            name = name[len("celery_") :]
+        if name.startswith(Settings.PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            found.append((key, close[0] if close else None))
+    return sorted(found)
+
+
+def _keys(conf: Any) -> list[str]:
+    try:
+        return [key for key in conf if isinstance(key, str)]
+    except (AttributeError, TypeError):
+        return []
+
+
+def lock_address(conf: Any) -> tuple[tuple[str, ...], str]:
+    """Where the locks live, and the setting that says so.
+
+    ``dlock_redis_url`` if set; else ``broker_url``, then ``result_backend``,
+    where one names exactly one Redis server (``redis://``, ``rediss://`` or
+    ``unix://``, with its db number).  Anything else is refused with a
+    :class:`ConfigurationError` naming ``dlock_redis_url``, because a guess
+    (say, ``localhost``) would give each host its own locks and no exclusion
+    between hosts at all.
+    """
+    explicit = _lookup(conf, "dlock_redis_url")
+    if explicit is not None:
+        return check_redis_url("dlock_redis_url", explicit), "dlock_redis_url"
+    broker = _lookup(conf, "broker_url")
+    if _exact_redis(broker):
+        return (broker,), "broker_url"
+    if broker is not None and not _is_redis_family(broker):
+        backend = _lookup(conf, "result_backend")
+        if _exact_redis(backend):
+            return (backend,), "result_backend"
+        found = f"broker_url={_masked(broker)} and result_backend={_masked(backend)}"
+    elif broker is None:
+        found = "broker_url is unset (Celery's default is AMQP on localhost)"
+    else:
+        found = f"broker_url={_masked(broker)}, which is not one Redis server's URL"
+    raise ConfigurationError(
+        f"dlock_redis_url is not set and cannot be derived exactly: {found}. Set dlock_redis_url to the "
+        "Redis server that holds the locks, such as 'redis://redis.internal:6379/0' (a list of URLs for a "
+        "quorum of independent masters); it is never guessed, since a wrong guess gives no exclusion"
+    )
+
+
+def _exact_redis(url: Any) -> bool:
+    return isinstance(url, str) and ";" not in url and url.split("://", 1)[0] in REDIS_SCHEMES
+
+
+def _is_redis_family(url: Any) -> bool:
+    """A Redis broker URL of a kind that does not name one server: a list, a failover, Sentinel, a socket."""
+    if not isinstance(url, str):
+        return True
+    schemes = {part.split("://", 1)[0] for part in url.split(";")}
+    return bool(schemes & {*REDIS_SCHEMES, "sentinel", "redis+socket", "socket"})
+
+
+def _masked(url: Any) -> str:
+    if not isinstance(url, str):
+        return repr(url) if url is None else f"a {type(url).__name__} of URLs"
+    return repr(";".join(mask_url(part) for part in url.split(";")))
 
 
 def broker_visibility_timeout(conf: Any) -> float | None:

@@ -31,7 +31,7 @@ from .app_state import known_apps, locks_for
 from .checks import task_problems
 from .guard import guard_of
 from .handoffs import hand_on_stranded
-from .settings import broker_visibility_timeout
+from .settings import broker_visibility_timeout, unknown_settings
 
 __all__ = ["SettingsCheck", "check_worker", "connect_signals"]
 
@@ -104,6 +104,9 @@ def check_worker(worker: Any) -> bool:
     setting or task at fault.  Returns whether any task uses a handoff queue.
     """
     app = worker.app
+    for key, meant in unknown_settings(app.conf):
+        hint = f"; did you mean {meant}?" if meant else ""
+        logger.warning("celery_dlock: %s is not a dlock setting and is ignored%s", key, hint)
     locks = locks_for(app)  # reads and checks the dlock_* settings
     locks.hostname = worker.hostname
     locks.events = bool(worker.task_events)
