@@ -18,13 +18,18 @@ from celery.utils.log import get_task_logger
 
 from ..lock.errors import DLockError, LockBusy, LockUnavailable, TaskSkipped
 from ..lock.handoff import QueueFull
-from .events import report
+from .events import Throttle, report
 from .headers import REQUEUES_HEADER, TICKET_HEADER
 from .options import Policy
 
 __all__ = ["backoff", "on_busy", "outside_worker", "requeue"]
 
 logger = get_task_logger(__name__)
+
+#: At most one WARNING per this many seconds while the lock service is unreachable.
+UNREACHABLE_WARNING_INTERVAL: Final = 30.0
+
+_unreachable = Throttle(UNREACHABLE_WARNING_INTERVAL)
 
 #: Queueing policies fall back to a requeue when they cannot park.
 _FALLBACKS: Final = {"queue": "requeue", "coalesce": "requeue"}
@@ -70,6 +75,11 @@ def requeue(
     headers[REQUEUES_HEADER] = done + 1
     task.signature_from_request(request, countdown=countdown, headers=headers).apply_async()
     logger.info("requeued in %.2fs (%d/%d): %s", countdown, done + 1, policy.max_requeues, cause)
+    if isinstance(cause, LockUnavailable):
+        held = _unreachable.ready()
+        if held is not None:
+            more = f" ({held} more such requeue(s) since the last warning)" if held else ""
+            logger.warning("the lock service is unreachable; requeueing tasks until it is back%s: %s", more, cause)
     report(app, task, request, "requeued", key=cause.key, countdown=countdown, requeues=done + 1)
     return _ignored()
 

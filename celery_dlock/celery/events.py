@@ -9,6 +9,8 @@ like Celery's own task events, and are sent only when those are
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from celery import Celery, Task
@@ -19,7 +21,7 @@ from ..lock.errors import DLockError
 from ..lock.lease import Lock
 from .app_state import locks_for
 
-__all__ = ["LossReporter", "describe", "report", "send_task_event"]
+__all__ = ["LossReporter", "Throttle", "describe", "report", "send_task_event"]
 
 logger = logging.getLogger(__name__)
 task_logger = get_task_logger(__name__)
@@ -71,3 +73,28 @@ class LossReporter:
         hook = getattr(self.task, "on_lock_lost", None)
         if hook is not None:
             hook(lock, error)
+
+
+class Throttle:
+    """Lets one log line through per ``interval`` seconds and counts the rest.
+
+    For a condition that repeats on every task while it lasts, such as the
+    lock service being down, so that a storm of tasks does not flood the log.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+        self._mutex = threading.Lock()
+
+    def ready(self) -> int | None:
+        """``None`` to stay quiet; else how many lines were held back since the last one."""
+        now = time.monotonic()
+        with self._mutex:
+            if now < self._next:
+                self._suppressed += 1
+                return None
+            self._next = now + self.interval
+            held, self._suppressed = self._suppressed, 0
+            return held
