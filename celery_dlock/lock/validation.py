@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Final
 
 __all__ = [
+    "MAX_KEY_BYTES",
+    "MAX_TTL",
     "MIN_TTL",
     "check_acquire_options",
     "check_choice",
@@ -25,6 +27,14 @@ __all__ = [
 
 #: Redis counts leases in whole milliseconds.
 MIN_TTL: Final = 0.001
+
+#: The longest lease Redis can set: PEXPIRE refuses an expiry past 2**63 ms
+#: from the epoch, so leases stay well inside that (about 146,000 years).
+MAX_TTL: Final = 2**62 / 1000
+
+#: The longest lock key, in UTF-8 bytes.  Longer ones are refused rather
+#: than stored: a key is sent with every command on the hot path.
+MAX_KEY_BYTES: Final = 8192
 
 
 def check_number(
@@ -69,16 +79,21 @@ def check_text(name: str, value: object) -> str:
 
 
 def check_key(key: object) -> str:
-    """A lock key: a non-empty str encodable as UTF-8."""
-    check_text("key", key)
-    if not key:
+    """A lock key: a non-empty str encodable as UTF-8, of at most :data:`MAX_KEY_BYTES`."""
+    text = check_text("key", key)
+    if not text:
         raise ValueError("key: must not be empty")
-    return key  # type: ignore[return-value]  # check_text proved it a str
+    if len(text) * 4 > MAX_KEY_BYTES and len(text.encode()) > MAX_KEY_BYTES:
+        raise ValueError(f"key: {len(text.encode())} bytes long; at most {MAX_KEY_BYTES} are allowed")
+    return text
 
 
 def check_ttl(ttl: object, name: str = "ttl") -> float:
-    """A lease in seconds: a finite number of at least a millisecond."""
-    return check_number(name, ttl, minimum=MIN_TTL)
+    """A lease in seconds: a finite number from a millisecond to :data:`MAX_TTL`."""
+    seconds = check_number(name, ttl, minimum=MIN_TTL)
+    if seconds > MAX_TTL:
+        raise ValueError(f"{name}: at most {MAX_TTL:g} seconds, the longest lease Redis can set; got {ttl!r}")
+    return seconds
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
@@ -92,6 +107,8 @@ def check_acquire_options(*, timeout: object, max_hold: object, on_lost: object,
     """Check an acquire's optional arguments, naming the one that is wrong."""
     if timeout is not None:
         check_number("timeout", timeout, minimum=0)
+        if timeout > MAX_TTL:  # type: ignore[operator]  # check_number proved it a number
+            raise ValueError(f"timeout: at most {MAX_TTL:g} seconds; got {timeout!r}")
     if max_hold is not None:
         check_number("max_hold", max_hold, minimum=0, exclusive=True)
     if on_lost is not None and not callable(on_lost):
