@@ -1,7 +1,7 @@
 """Several ``celery beat`` instances at once, each due run published once.
 
 Configure ``beat_scheduler = "celery_dlock.beat:MultiBeatScheduler"``; how it
-works is in :mod:`celery_dlock.beat.scheduler` and ``docs/architecture.md``.
+works is in ``docs/beat.md``.
 """
 
 from __future__ import annotations

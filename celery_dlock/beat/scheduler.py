@@ -1,95 +1,10 @@
 """A ``celery beat`` scheduler that is safe to run on several hosts at once.
 
-Set it with ``beat_scheduler = "celery_dlock.beat:MultiBeatScheduler"`` or
-``celery beat -S celery_dlock.beat:MultiBeatScheduler``, and run as many beats
-as you like, on one host or many.  All of them are active: there is no leader
-and no fail-over gap.  Each due run of each entry is published by exactly one
-of them.
-
-How it works
-------------
-
-Every run of an entry belongs to a *slot*: the scheduled instant it is due
-at, and the instant of the run after it.
-
-* Interval entries (a number, a ``timedelta`` or ``celery.schedules.schedule``)
-  are aligned to the Unix epoch: with a period of ``p`` seconds, slot ``k``
-  starts at ``k * p`` seconds after 1970-01-01 UTC.  Beats started at
-  different times therefore agree on every slot.  (A one-day interval starts
-  at 00:00 UTC; use a ``crontab`` for wall-clock times.  The schedule's
-  ``relative`` flag is not used: epoch alignment replaces it.)
-* ``crontab`` and ``solar`` entries (and any other
-  :class:`celery.schedules.BaseSchedule` whose ``remaining_estimate`` gives
-  the time to its next instant) use their own instants: the slot is the
-  latest instant at or before now.  A crontab's instants are whole minutes, so
-  every beat computes the same one.  A solar event is computed again from a
-  fixed point an hour or so before it and rounded to the second, so that the
-  tiny differences in the astronomical result for different starting points
-  do not give two beats two ids for one sunrise.
-
-When a beat finds the current slot of an entry due (its own ``last_run_at`` is
-before the slot), it *claims* the slot through the lock core before it
-publishes anything: a non-blocking :meth:`~celery_dlock.lock.redlock.Redlock.acquire`
-of ``beat:<entry name>:<slot instant in UTC ISO 8601>`` (a lock like any other, see
-the keyspace table in ``docs/architecture.md``) with a lease that lasts to the end of the
-slot plus ``dlock_beat_max_skew`` plus 2 seconds.  The claim is never
-released; it expires.
-
-* The beat that gets the claim publishes the run, with two message headers:
-  ``dlock_beat_entry`` (the entry name) and ``dlock_beat_slot`` (the slot's
-  instant), which the task can read as ``self.request.dlock_beat_slot``.
-* A beat that finds the slot claimed (:class:`~celery_dlock.lock.errors.LockBusy`)
-  publishes nothing and updates its own bookkeeping as if it had run it.
-* If the lock service cannot be reached
-  (:class:`~celery_dlock.lock.errors.LockUnavailable`), nothing is published (fail
-  closed) and an error is logged.  The beat tries again about once a second
-  for as long as the slot is current, so a short outage delays the run rather
-  than losing it.  A slot that ends before Redis comes back is not published
-  by this beat, and that is logged as an error.
-
-Only the current slot is ever claimed.  A beat that was down for a few slots
-does the same as Celery's own scheduler: it runs an overdue entry once, for
-the latest slot, and since another beat has usually claimed that slot
-already, it usually publishes nothing at all.  A new entry (no ``last_run_at``
-yet) first runs at the next slot after the beat started.
-
-Bookkeeping
------------
-
-``last_run_at`` of an entry becomes the instant of the slot it handled,
-claimed or not, and ``total_run_count`` counts the slots handled, so each
-beat's bookkeeping tracks the schedule whichever beat published.  The
-scheduler keeps Celery's shelve file, one per instance: ``-s`` /
-``beat_schedule_filename`` (``celerybeat-schedule`` by default) is a base
-name, and each beat uses ``<base>-<n>``, where ``n`` is the lowest number whose
-``<base>-<n>.lock`` file no other beat on the host holds (an exclusive
-``flock`` held for the life of the process).  Two beats on one host never
-share a file, a restarted beat takes up the file it had, and the file of a
-beat killed with ``kill -9`` is free again at once.  Where ``fcntl`` does not
-exist, the suffix is the host name and pid instead.  The files only carry
-each beat's own ``last_run_at``: the claims in Redis decide who publishes.
-
-Clock skew
-----------
-
-Two beats never publish the same slot twice while their clocks differ by at
-most ``dlock_beat_max_skew`` seconds (default 60).  A claim made at ``now`` on
-its beat's clock lives ``(end of slot - now) + max_skew + 2`` seconds, so it
-outlives the slot on every clock that is at most ``max_skew`` behind the
-claimer's; the 2 seconds absorb a beat's stall between reading its clock and
-its claim reaching Redis.  Skew never loses a run, since whichever beat
-reaches a slot first claims it; but a beat whose clock is ``d`` seconds ahead
-publishes the runs it wins ``d`` seconds early.  Claims cost one small Redis
-hash each, for the length of a slot plus ``max_skew``.
-
-What can still go wrong
------------------------
-
-Publishing is at most once, as with Celery's own beat: a beat killed between
-its claim and the broker accepting the message (the time of one publish), or
-whose publish fails after Celery's retries, loses that run; the claim stays,
-so no other beat publishes it either.  The lock service being unreachable for
-a whole slot loses that slot (fail closed, see above).
+Set ``beat_scheduler = "celery_dlock.beat:MultiBeatScheduler"`` and run as
+many beats as you like: all are active, with no leader and no fail-over gap.
+Before publishing a due run, a beat claims its slot (:mod:`.slots`) with a
+non-blocking lock that expires after the slot; only the claimer publishes.
+The design, bookkeeping and clock-skew bound are in ``docs/beat.md``.
 """
 
 from __future__ import annotations
@@ -122,14 +37,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     _flock = None
 
-__all__ = [
-    "CLAIM_PREFIX",
-    "ENTRY_HEADER",
-    "SLOT_HEADER",
-    "MultiBeatScheduler",
-    "Slot",
-    "locate",
-]
+__all__ = ["ENTRY_HEADER", "MAX_INSTANCES", "RETRY_INTERVAL", "SLOT_HEADER", "STALL_ALLOWANCE", "MultiBeatScheduler"]
 
 logger = get_logger(__name__)
 
@@ -166,7 +74,7 @@ class _Outcome:
 class MultiBeatScheduler(PersistentScheduler):  # type: ignore[misc]
     """Celery's persistent scheduler, claiming each run in Redis before publishing.
 
-    See the module documentation for the design.  Settings, besides the
+    The design is in ``docs/beat.md``.  Settings, besides the
     ``dlock_*`` settings that reach the lock core (``dlock_redis_url``,
     ``dlock_key_prefix``, ``dlock_socket_timeout``):
 

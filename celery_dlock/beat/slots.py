@@ -3,8 +3,7 @@
 Every run of an entry belongs to a *slot*: the instant it is due at, and the
 instant of the run after it.  Intervals are aligned to the Unix epoch, and
 ``crontab`` and ``solar`` entries use their own instants, so beats started at
-different times agree on every slot.  The design is in ``docs/architecture.md``
-and :mod:`celery_dlock.beat.scheduler`.
+different times agree on every slot.  The design is in ``docs/beat.md``.
 """
 
 from __future__ import annotations

@@ -142,6 +142,12 @@ class SingleFlight:
             cached = self._policy = (locks.settings, self.options.resolve(locks.settings))
         return cached[1]
 
+    def run_key(self, key: str, policy: Policy, scheduled: float) -> str:
+        """The lock key of a run due at ``scheduled``: with ``hold=period``, its period's key."""
+        if policy.hold is None or policy.hold is True:
+            return key
+        return f"{key}@{int(scheduled // policy.hold)}"
+
     def label(self, task: Task | None) -> str:
         """What a run's counters are kept under: its task's name."""
         return task.name if task is not None else self.name
@@ -160,10 +166,8 @@ class SingleFlight:
         request: Context | None = task.request if task is not None else None
         task_id = getattr(request, "id", None)
         hostname = getattr(request, "hostname", None)
-        key = self.key_for(task, args, kwargs)
+        key = self.run_key(self.key_for(task, args, kwargs), policy, _scheduled_time(request))
         hold_for = _hold_seconds(policy.hold, policy.ttl)
-        if policy.hold is not None and policy.hold is not True:
-            key = f"{key}@{int(_scheduled_time(request) // policy.hold)}"
         on_lost = LossReporter(task, app, task_id, hostname)
         try:
             if policy.queues and task is not None and request is not None and not outside_worker(request):
@@ -217,12 +221,17 @@ class SingleFlight:
         """
         locks = locks_for(task.app)
         try:
-            key = self.key_for(task, args or (), kwargs or {})
+            base = self.key_for(task, args or (), kwargs or {})
             prefix = owner_prefix(task_id, hostname)
             policy = self.policy(locks)
             if not policy.queues:
-                return locks.redlock.release_owner(key, prefix)
-            released, handoff = locks.handoff_queue.release_owner(key, prefix, policy.ttl)
+                # With hold=period the run's key names its period, unknown here:
+                # try this one and the one before (only the dead run's owner matches).
+                now = time.time()
+                period = float(policy.hold) if policy.hold not in (None, True) else 0.0
+                keys = dict.fromkeys(self.run_key(base, policy, moment) for moment in (now, now - period))
+                return any([locks.redlock.release_owner(key, prefix) for key in keys])
+            released, handoff = locks.handoff_queue.release_owner(base, prefix, policy.ttl)
         except (DLockError, TypeError, ValueError) as exc:
             _plain_logger.warning("could not free the lock of dead task %s[%s]: %s", task.name, task_id, exc)
             return False

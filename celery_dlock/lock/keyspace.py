@@ -61,6 +61,16 @@ class Keyspace:
         """The hash from each parked ticket of ``key`` to its payload."""
         return f"{self.prefix}parked:{key}"
 
+    def stats_field(self, label: str, event: str) -> str:
+        """The field of :attr:`stats` counting ``event`` under ``label`` (the scripts spell it alike)."""
+        return f"{label}:{event}"
+
+    def split_stats_field(self, field: bytes | str) -> tuple[str, str]:
+        """The label and event of a :attr:`stats` field (the inverse of :meth:`stats_field`)."""
+        text = field.decode() if isinstance(field, bytes) else field
+        label, _, event = text.rpartition(":")
+        return label, event
+
     def lock_pattern(self, pattern: str = "*") -> str:
         """A SCAN ``MATCH`` pattern for the lock hashes whose key matches the glob ``pattern``."""
         return f"{glob_escape(self.prefix)}lock:{pattern}"

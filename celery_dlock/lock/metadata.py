@@ -1,7 +1,9 @@
-"""The holder metadata stored with each lock: who holds it, since when, for what.
+"""What a lock hash holds: the owner, the fencing token, and the holder metadata.
 
-A JSON object with ``hostname``, ``pid``, ``acquired_at`` (Unix time) and
-``label``, plus any caller details.  Operators read it; the lock never does.
+The metadata is a JSON object with ``hostname``, ``pid``, ``acquired_at``
+(Unix time) and ``label``, plus any caller details.  It describes the holder
+to operators and to the caller that finds the key busy; the lock's own
+decisions never depend on it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["holder_metadata", "parse_metadata"]
+__all__ = ["StoredLock", "holder_metadata", "parse_lock_hash", "parse_metadata"]
 
 _HOST = socket.gethostname()
 
@@ -35,3 +38,28 @@ def parse_metadata(raw: bytes | str | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class StoredLock:
+    """One node's copy of a lock hash: ``owner``, ``token`` and ``meta``."""
+
+    owner: str
+    token: int
+    meta: dict[str, Any]
+
+
+def parse_lock_hash(reply: Any) -> StoredLock | None:
+    """A lock hash as ``HGETALL`` returned it (raw, or as redis-py's dict), or ``None`` if absent."""
+    if isinstance(reply, Mapping):
+        fields = dict(reply)
+    elif isinstance(reply, list):
+        fields = dict(zip(reply[::2], reply[1::2], strict=True))
+    else:
+        return None
+    if not fields:
+        return None
+    owner = fields.get(b"owner", b"")
+    return StoredLock(
+        owner.decode(errors="replace"), int(fields.get(b"token", 0)), parse_metadata(fields.get(b"meta")) or {}
+    )

@@ -266,9 +266,11 @@ end
 if holder then
     return busy()
 end
-local outcome = hand_off(reserve_ms, key, channel)
-if outcome[1] == 'handed-off' then
-    return outcome
+if redis.call('LLEN', queue) > 0 then
+    local outcome = hand_off(reserve_ms, key, channel)
+    if outcome[1] == 'handed-off' then
+        return outcome
+    end
 end
 return grant()
 """,

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from .nodes import NO_REPLY, Node, Reply, fan_out
 
-__all__ = ["Quorum", "decided", "is_one"]
+__all__ = ["Quorum", "decided"]
 
 
 def decided(replies: Sequence[Reply], yes: Callable[[Reply], bool], quorum: int, total: int) -> bool:
@@ -39,19 +39,20 @@ class Quorum:
             timeout=self.socket_timeout,
         )
 
-    def confirm(self, command: bytes, indices: Sequence[int], *, already: int) -> bool:
-        """Send ``command`` to the nodes at ``indices`` until, with ``already``, a quorum answered.
-
-        Any integer reply counts as an answer; returns whether a quorum did.
-        """
+    def confirm(self, command: bytes, indices: Sequence[int], *, already: int, yes: Callable[[Reply], bool]) -> bool:
+        """Send ``command`` to the nodes at ``indices`` until, with ``already``, a quorum said ``yes``."""
         if already >= self.size:
             return True
         replies = fan_out(
             [(self.nodes[i], command) for i in indices],
-            decided=lambda r: already + sum(1 for x in r if isinstance(x, int)) >= self.size,
+            decided=lambda r: already + sum(1 for x in r if yes(x)) >= self.size,
             timeout=self.socket_timeout,
         )
-        return already + sum(1 for r in replies if isinstance(r, int)) >= self.size
+        return already + sum(1 for r in replies if yes(r)) >= self.size
+
+    def agreeing(self, replies: Sequence[Reply], yes: Callable[[Reply], bool]) -> bool:
+        """Whether a quorum of ``replies`` say ``yes``."""
+        return sum(1 for r in replies if yes(r)) >= self.size
 
     def read_all(self, command: bytes) -> list[Reply]:
         """Send ``command`` to every node and wait for every reply (or the timeout)."""
@@ -69,8 +70,3 @@ class Quorum:
             for node, reply in zip(self.nodes, replies, strict=True)
             if isinstance(reply, BaseException)
         ]
-
-
-def is_one(reply: Reply) -> bool:
-    """Whether a node answered the integer 1 (a boolean script said yes)."""
-    return isinstance(reply, int) and reply == 1

@@ -32,9 +32,9 @@ from .errors import LockBusy, LockLost, LockUnavailable
 from .faults import fault_point
 from .keyspace import DEFAULT_PREFIX, Keyspace
 from .lease import Lock, LostCallback
-from .metadata import holder_metadata, parse_metadata
+from .metadata import StoredLock, holder_metadata, parse_lock_hash, parse_metadata
 from .nodes import Node, Reply
-from .quorum import Quorum, is_one
+from .quorum import Quorum
 from .resp import pack
 from .script import Granted, Held
 from .validation import check_acquire_options, check_int, check_key, check_number, check_text, check_ttl
@@ -278,8 +278,7 @@ class Redlock:
         if not isinstance(owner_prefix, str) or not owner_prefix:
             raise ValueError("owner_prefix: must be a non-empty str")
         command = scripts.release_prefix_call(self.keyspace, key, prefix=owner_prefix)
-        replies = self._quorum.broadcast(command, granted=is_one)
-        return sum(1 for r in replies if r == 1) >= self.quorum
+        return self._quorum.agreeing(self._quorum.broadcast(command, granted=scripts.done), scripts.done)
 
     def force_release(self, key: str) -> dict[str, Any] | None:
         """Delete ``key``'s lock whoever holds it; returns the holder it had.
@@ -290,7 +289,7 @@ class Redlock:
         """
         held = self.holder(key)
         replies = self._quorum.read_all(scripts.force_release_call(self.keyspace, key))
-        removed = sum(1 for r in replies if r == 1)
+        removed = sum(1 for r in replies if scripts.done(r))
         logger.warning("forced release of lock %r (held by %s) on %d node(s)", key, held, removed)
         return held if removed else None
 
@@ -302,17 +301,14 @@ class Redlock:
         one left on a minority) is not reported.
         """
         check_key(key)
-        replies = self._quorum.read_all(pack("HGETALL", self.keyspace.lock(key)))
-        copies: dict[bytes, list[dict[bytes, bytes]]] = {}
-        for reply in replies:
-            if isinstance(reply, list) and reply:
-                fields = dict(zip(reply[::2], reply[1::2], strict=True))
-                copies.setdefault(fields.get(b"owner", b""), []).append(fields)
+        copies: dict[str, list[StoredLock]] = {}
+        for reply in self._quorum.read_all(pack("HGETALL", self.keyspace.lock(key))):
+            stored = parse_lock_hash(reply)
+            if stored is not None:
+                copies.setdefault(stored.owner, []).append(stored)
         for held in copies.values():
             if len(held) >= self.quorum:
-                holder = parse_metadata(held[0].get(b"meta")) or {}
-                holder["token"] = max(int(fields.get(b"token", 0)) for fields in held)
-                return holder
+                return {**held[0].meta, "token": max(copy.token for copy in held)}
         return None
 
     def count(self, label: str, event: str, amount: int = 1) -> None:
@@ -322,7 +318,7 @@ class Redlock:
         the command is sent and its reply skipped later, so it costs no round
         trip.
         """
-        self._quorum.send_all(pack("HINCRBY", self.keyspace.stats, f"{label}:{event}", amount), self.nodes)
+        self._quorum.send_all(pack("HINCRBY", self.keyspace.stats, self.keyspace.stats_field(label, event), amount))
 
     def stats(self) -> dict[str, dict[str, int]]:
         """The counters by label, read from the first node that answers.
@@ -335,7 +331,7 @@ class Redlock:
                 continue
             counters: dict[str, dict[str, int]] = {}
             for field, value in zip(reply[::2], reply[1::2], strict=True):
-                label, _, event = field.decode().rpartition(":")
+                label, event = self.keyspace.split_stats_field(field)
                 counters.setdefault(label, {})[event] = int(value)
             return counters
         raise LockUnavailable.for_key(None, attempts=1, reason="no node answered for the counters")
@@ -359,12 +355,11 @@ class Redlock:
         """
         started = time.monotonic()
         command = scripts.extend_call(self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000))
-        replies = self._quorum.broadcast(command, granted=is_one)
-        extended = sum(1 for r in replies if r == 1)
+        replies = self._quorum.broadcast(command, granted=scripts.done)
         valid_until = self.lease_end(started, ttl)
-        if extended >= self.quorum and time.monotonic() < valid_until:
+        if self._quorum.agreeing(replies, scripts.done) and time.monotonic() < valid_until:
             return valid_until
-        if sum(1 for r in replies if r == 0) > len(self.nodes) - self.quorum:
+        if sum(1 for r in replies if scripts.refused(r)) > len(self.nodes) - self.quorum:
             raise LockLost(f"lock {key!r} is no longer ours on a quorum of nodes", key=key)
         raise LockUnavailable.for_key(
             key, attempts=1, errors=self._quorum.errors(replies), reason="could not extend on a quorum"
@@ -385,8 +380,8 @@ class Redlock:
         if not wait:
             self._quorum.send_all(command, self.nodes)
             return False
-        replies = self._quorum.broadcast(command, granted=is_one)
-        if sum(1 for r in replies if r == 1) >= self.quorum:
+        replies = self._quorum.broadcast(command, granted=scripts.done)
+        if self._quorum.agreeing(replies, scripts.done):
             return True
         errors = self._quorum.errors(replies)
         if errors:
@@ -445,7 +440,8 @@ class Redlock:
         """
         at_token = sum(1 for t in tokens.values() if t == token)
         behind = [i for i, t in tokens.items() if t < token]
-        return self._quorum.confirm(scripts.fence_floor_call(self.keyspace, token), behind, already=at_token)
+        command = scripts.fence_floor_call(self.keyspace, token)
+        return self._quorum.confirm(command, behind, already=at_token, yes=scripts.fenced)
 
 
 def _is_granted(reply: Reply) -> bool:

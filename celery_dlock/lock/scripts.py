@@ -24,10 +24,13 @@ __all__ = [
     "RELEASE",
     "RELEASE_PREFIX",
     "acquire_call",
+    "done",
     "extend_call",
     "fence_floor_call",
+    "fenced",
     "force_release_call",
     "parse_acquire",
+    "refused",
     "release_call",
     "release_prefix_call",
 ]
@@ -89,6 +92,16 @@ end
 return 0
 """,
 )
+
+
+def done(reply: Any) -> bool:
+    """Whether a yes-or-no script acted: the lock was the caller's (or, forced, existed)."""
+    return isinstance(reply, int) and reply == 1
+
+
+def refused(reply: Any) -> bool:
+    """Whether a yes-or-no script answered that the lock was not the caller's."""
+    return isinstance(reply, int) and reply == 0
 
 
 def extend_call(space: Keyspace, key: str, *, owner: str, lease_ms: int) -> bytes:
@@ -186,6 +199,11 @@ return current
 def fence_floor_call(space: Keyspace, floor: int) -> bytes:
     """Pack :data:`FENCE_FLOOR`."""
     return FENCE_FLOOR.call([space.fence], [floor])
+
+
+def fenced(reply: Any) -> bool:
+    """Whether :data:`FENCE_FLOOR` answered with the node's counter (it is then at the floor)."""
+    return isinstance(reply, int) and not isinstance(reply, bool)
 
 
 #: Every plain-lock script.

@@ -30,7 +30,7 @@ from ..celery.handoffs import hand_on_stranded
 from ..lock.errors import LockUnavailable
 from ..lock.handoff import Handoff
 from ..lock.keyspace import RESERVED_OWNER, Keyspace
-from ..lock.metadata import parse_metadata
+from ..lock.metadata import parse_lock_hash, parse_metadata
 
 __all__ = [
     "OPERATOR_TIMEOUT",
@@ -167,14 +167,13 @@ def _read_lock(client: redis.Redis, space: Keyspace, key: str) -> _Stored | None
     pipe.hgetall(full_key)
     pipe.pttl(full_key)
     fields, pttl = pipe.execute()
-    if not fields:
+    stored = parse_lock_hash(fields)
+    if stored is None:
         return None
-    owner = fields.get(b"owner", b"").decode(errors="replace")
     parked_task = None
-    if owner.startswith(RESERVED_OWNER):
-        parked_task = _task_of(client.hget(space.parked(key), owner[len(RESERVED_OWNER) :]))
-    meta = parse_metadata(fields.get(b"meta")) or {}
-    return _Stored(owner, int(fields.get(b"token", 0)), int(pttl), meta, parked_task)
+    if stored.owner.startswith(RESERVED_OWNER):
+        parked_task = _task_of(client.hget(space.parked(key), stored.owner[len(RESERVED_OWNER) :]))
+    return _Stored(stored.owner, stored.token, int(pttl), stored.meta, parked_task)
 
 
 def _merge(key: str, copies: Sequence[_Stored], of_nodes: int) -> HeldLock:
