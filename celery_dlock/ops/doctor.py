@@ -20,7 +20,7 @@ from ..celery.app_state import AppLocks, locks_for
 from ..celery.checks import lease, task_problems
 from ..celery.guard import guard_of
 from ..celery.options import Policy
-from ..celery.settings import Settings, broker_visibility_timeout
+from ..celery.settings import Settings, broker_visibility_timeout, lock_address, unknown_settings
 from .inspect import OPERATOR_TIMEOUT, connected
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "check_settings",
     "check_task",
     "check_tasks",
+    "check_unknown_settings",
     "diagnose",
     "worst",
 ]
@@ -89,7 +90,8 @@ def diagnose(app: Celery, *, timeout: float = OPERATOR_TIMEOUT) -> list[Check]:
         return [Check("settings", Verdict.FAIL, str(exc))]
     policies = _policies(app, locks)
     longest = max([locks.settings.default_ttl, *(lease(policy) for policy in policies.values())])
-    checks = [check_settings(locks.settings)]
+    _, source = lock_address(app.conf)
+    checks = [check_settings(locks.settings, source), *check_unknown_settings(app.conf)]
     with connected(locks, timeout) as clients:
         for name, client in clients:
             checks.extend(check_node(name, client, locks.settings, longest))
@@ -97,11 +99,16 @@ def diagnose(app: Celery, *, timeout: float = OPERATOR_TIMEOUT) -> list[Check]:
     return checks
 
 
-def check_settings(settings: Settings) -> Check:
-    """The node count: more than one node in an even number is a WARN."""
+def check_settings(settings: Settings, source: str = "dlock_redis_url") -> Check:
+    """Where the lock address came from, and the node count: an even count over one is a WARN.
+
+    ``source`` is the setting the address was taken from (see
+    :func:`~celery_dlock.celery.settings.lock_address`).
+    """
     count = len(settings.redis_url)
     quorum = count // 2 + 1
-    summary = f"{count} node(s), quorum {quorum}, key prefix {settings.key_prefix!r}"
+    origin = "set in dlock_redis_url" if source == "dlock_redis_url" else f"derived from {source}"
+    summary = f"lock address {origin}: {count} node(s), quorum {quorum}, key prefix {settings.key_prefix!r}"
     if count > 1 and count % 2 == 0:
         return Check(
             "settings",
@@ -110,6 +117,18 @@ def check_settings(settings: Settings) -> Check:
             "an odd count tolerates as many failures with one node less",
         )
     return Check("settings", Verdict.OK, summary)
+
+
+def check_unknown_settings(conf: Any) -> list[Check]:
+    """A WARN for each ``dlock_`` key that is not a setting (a typo is otherwise silently ignored)."""
+    return [
+        Check(
+            "settings",
+            Verdict.WARN,
+            f"{key} is not a dlock setting and is ignored" + (f"; did you mean {meant}?" if meant else ""),
+        )
+        for key, meant in unknown_settings(conf)
+    ]
 
 
 def check_node(name: str, client: redis.Redis, settings: Settings, longest_lease: float) -> list[Check]:
