@@ -1,6 +1,14 @@
-"""Testing single-flight tasks: the pytest plugin and a throwaway redis-server.
+"""Testing single-flight tasks: the pytest plugin and the processes a test runs.
 
-The plugin is :mod:`celery_dlock.testing.plugin`, loaded through the
-``pytest11`` entry point; :mod:`celery_dlock.testing.redis_process` starts
-real ``redis-server`` processes for it and for any test suite.
+* :mod:`~celery_dlock.testing.plugin`: the pytest plugin (fixtures and
+  assertions), loaded through the ``pytest11`` entry point;
+* :mod:`~celery_dlock.testing.redis_process`: throwaway ``redis-server`` processes;
+* :mod:`~celery_dlock.testing.worker_process`: real ``celery worker`` processes;
+* :mod:`~celery_dlock.testing.process`: the launcher both are built on, which
+  kills whatever is left when the interpreter exits;
+* :mod:`~celery_dlock.testing.intervals`: whether recorded runs overlapped,
+  and whether their fencing tokens rose;
+* :mod:`~celery_dlock.testing.polling`: waiting for a condition.
+
+Only the plugin imports pytest; none of them imports Celery at import time.
 """

