@@ -1,4 +1,9 @@
-"""Shared fixtures: real redis-server processes on loopback ports."""
+"""Fixtures every layer's tests share: real redis-server processes on loopback ports.
+
+``tests/`` is on ``sys.path`` (pytest's default "prepend" import mode puts
+this conftest's directory there), so the helpers import as :mod:`support`;
+see ``tests/support/__init__.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import pytest
-from redis_servers import ClusterFactory, RedisCluster, RedisServer
+from support.redis_servers import ClusterFactory, RedisCluster, RedisServer
 
 # celery.contrib.pytest provides the in-process celery_app/celery_worker
 # fixtures.  pytest-celery 1.x defines Docker-backed fixtures with the same
@@ -39,7 +44,7 @@ def redis_nodes() -> Iterator[ClusterFactory]:
 
     yield start
     for cluster in clusters:
-        cluster.close()
+        cluster.stop()
 
 
 @pytest.fixture

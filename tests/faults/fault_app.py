@@ -1,9 +1,9 @@
 # mypy: disable-error-code="untyped-decorator"
 """The Celery app that the prefork workers of ``test_fault_celery.py`` run.
 
-``celery -A fault_app worker`` imports it with ``tests/faults`` on the path.
-The broker, lock nodes and recorder come from the environment variables that
-:class:`celery_workers.CeleryWorker` sets.  The one task records its body as a
+``celery -A fault_app worker`` imports it with ``tests/faults`` and
+``tests/`` on the path.  The broker, lock nodes and recorder come from the
+environment variables that :class:`support.workers.CeleryWorker` sets.  The one task records its body as a
 critical section in the format of :mod:`fault_holder` (so
 :mod:`fault_checker` judges it like any holder's), plus a ``runs`` line saying
 whether it held a lock and how often it had been requeued.
@@ -17,13 +17,15 @@ import time
 
 from celery import Celery, Task
 from fault_holder import RUNS, Holder, HolderSpec, record_section
+from support.apps import PerProcess, app_urls
 
 from celery_dlock import current_lock, single_flight
-from celery_dlock.celery.guard import REQUEUES_HEADER
+from celery_dlock.celery.headers import REQUEUES_HEADER
 
-BROKER_URL = os.environ.get("DLOCK_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
-LOCK_URLS = [url for url in os.environ.get("DLOCK_TEST_LOCK_URLS", BROKER_URL).split(",") if url]
-RECORDER_URL = os.environ.get("DLOCK_TEST_RECORDER_URL", BROKER_URL)
+URLS = app_urls()
+BROKER_URL = URLS.broker
+LOCK_URLS = URLS.locks
+RECORDER_URL = URLS.recorder
 
 app = Celery("fault_app", broker=BROKER_URL, backend=BROKER_URL, set_as_current=True)
 app.conf.update(
@@ -36,16 +38,10 @@ app.conf.update(
     worker_redirect_stdouts=False,
 )
 
-_holder: tuple[int, Holder] | None = None
-
-
-def holder() -> Holder:
-    """This process's recorder and fenced resource."""
-    global _holder
-    if _holder is None or _holder[0] != os.getpid():
-        spec = HolderSpec(nodes=LOCK_URLS, recorder=RECORDER_URL, holder="celery", hold=0.02, hold_jitter=0.0)
-        _holder = (os.getpid(), Holder(spec))
-    return _holder[1]
+#: This process's recorder and fenced resource.
+holder = PerProcess(
+    lambda: Holder(HolderSpec(nodes=LOCK_URLS, recorder=RECORDER_URL, holder="celery", hold=0.02, hold_jitter=0.0))
+)
 
 
 @app.task(name="fa.guarded", bind=True)

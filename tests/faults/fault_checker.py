@@ -1,6 +1,7 @@
 """The mutual-exclusion checker: reads what the holders recorded and judges it.
 
-It builds on :mod:`critical_sections` (``Section`` and ``overlaps``) and adds
+It builds on :mod:`support.critical_sections` (``Section``) and the package's
+interval checker (:func:`celery_dlock.testing.intervals.overlaps`) and adds
 what a fault run needs: the unfenced counter's lost updates, the fenced
 resource's log, the order of fencing tokens, and how soon the lock came back
 after each fault healed.
@@ -42,8 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from critical_sections import Section, overlaps
 from fault_holder import COUNTER, ENTERED, EVENTS, FENCED_LOG, SECTIONS, WRITES
+from support.critical_sections import Section
+
+from celery_dlock.testing.intervals import overlaps
 
 __all__ = ["History", "Verdict"]
 
@@ -118,11 +121,11 @@ class History:
     # -- the checks ---------------------------------------------------------------
 
     def as_sections(self) -> list[Section]:
-        """Completed sections, in the shape :mod:`critical_sections` checks."""
+        """Completed sections, in the shape :mod:`support.critical_sections` records."""
         return [Section(s["key"], s["token"], s["enter"], s["exit"]) for s in self.sections]
 
     def overlapping_pairs(self) -> list[tuple[Section, Section]]:
-        """Sections on one key whose intervals intersect (adjacent pairs by entry)."""
+        """Sections on one key whose intervals intersect, each with the earlier one that ends last."""
         return overlaps(self.as_sections())
 
     def lost_updates(self) -> int:

@@ -2,12 +2,13 @@
 
 * :class:`Quorum`: 3 or 5 independent ``redis-server`` masters on free
   loopback ports, each in its own temporary directory with its own
-  persistence options (:mod:`redis_servers` does the spawning).  Every fault
+  persistence options (:mod:`support.redis_servers` does the spawning).  Every fault
   goes through a method here (kill, stop, wipe, restart now or after a delay,
   pause, resume, a clock step), which logs it with the time it happened.
 * :class:`HolderProcess`: a lock holder in its own process
-  (:mod:`fault_holder`), which a test can pause, resume or kill, and which
-  can carry ``DLOCK_FAULT_POINTS`` to kill itself at a named point.
+  (:mod:`fault_holder`, run as a :class:`~celery_dlock.testing.process.ManagedProcess`),
+  which a test can pause, resume or kill, and which can carry
+  ``DLOCK_FAULT_POINTS`` to kill itself at a named point.
 * :class:`Scenario`: one test's run: its recorder (a redis-server no fault
   touches), its quorums, holders and fault log, the checker's verdict, and
   the JSON history saved when the test fails.
@@ -18,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,16 @@ from typing import Any
 import redis
 from fault_checker import History, Verdict, save_history
 from fault_holder import STOP, HolderSpec, gate_flag, inside_flag
-from redis_servers import RedisCluster, RedisServer
+from support.redis_servers import RedisCluster, RedisServer
 
 from celery_dlock.lock.nodes import COOLDOWN_MAX
+from celery_dlock.testing.polling import wait_until
+from celery_dlock.testing.process import ManagedProcess, log_tails
 
 FAULTS_DIR = Path(__file__).resolve().parent
 HOLDER_SCRIPT = FAULTS_DIR / "fault_holder.py"
 
-#: Node options: nothing survives a kill -9 (the default of redis_servers).
+#: Node options: nothing survives a kill -9 (the default of :class:`~support.redis_servers.RedisServer`).
 VOLATILE: tuple[str, ...] = ()
 #: Every write is fsynced before the client hears of it.
 FSYNC_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
@@ -59,18 +61,6 @@ def soak(short: Any, long: Any) -> Any:
 def now_ns() -> int:
     """The shared clock: ``time.monotonic_ns()``."""
     return time.monotonic_ns()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.01, what: str = "condition") -> Any:
-    """Poll until ``predicate`` is truthy; its value, or AssertionError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- the fault log --------------------------------------------------------------------
@@ -164,7 +154,7 @@ class Quorum:
         """Shut the nodes down cleanly (``SIGTERM``)."""
         for index in indexes:
             self.paused.discard(index)
-            self.cluster[index].stop()
+            self.cluster[index].terminate()
         return self.faults.add("node-stop", nodes=list(indexes))
 
     def start(self, *indexes: int, wipe: bool = False, kind: str | None = None) -> int:
@@ -228,73 +218,29 @@ class Quorum:
         for index in list(self.paused):
             with contextlib.suppress(RuntimeError):
                 self.cluster[index].resume()
-        self.cluster.close()
+        self.cluster.stop()
 
 
 # -- holder processes -------------------------------------------------------------------
 
 
-class HolderProcess:
-    """One :mod:`fault_holder` process."""
+class HolderProcess(ManagedProcess):
+    """One :mod:`fault_holder` process, logging to ``holder-<name>.log`` in ``log_dir``."""
 
     def __init__(self, spec: HolderSpec, log_dir: Path, fault_points: Sequence[str] = ()) -> None:
         self.spec = spec
         self.fault_points = tuple(fault_points)
-        self.log_path = log_dir / f"holder-{spec.holder}.log"
         env = dict(os.environ)
         env.pop("DLOCK_FAULT_POINTS", None)
         if fault_points:
             env["DLOCK_FAULT_POINTS"] = ",".join(fault_points)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(HOLDER_SCRIPT), spec.to_json()],
-                cwd=FAULTS_DIR,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.paused = False
-
-    def __repr__(self) -> str:
-        return f"<HolderProcess {self.spec.holder} pid={self.proc.pid} rc={self.proc.poll()}>"
-
-    @property
-    def pid(self) -> int:
-        """The process id."""
-        return self.proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit status once it has exited (``-9`` after a SIGKILL)."""
-        return self.proc.poll()
-
-    def pause(self) -> None:
-        """``SIGSTOP`` the holder, watchdog thread and all."""
-        self.proc.send_signal(signal.SIGSTOP)
-        self.paused = True
-
-    def resume(self) -> None:
-        """``SIGCONT`` the holder."""
-        self.proc.send_signal(signal.SIGCONT)
-        self.paused = False
-
-    def kill(self) -> None:
-        """``kill -9`` the holder and reap it."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-    def wait(self, timeout: float) -> int:
-        """Wait for the holder to exit; returns its status."""
-        return self.proc.wait(timeout)
-
-    def log(self) -> str:
-        """What the holder printed."""
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except FileNotFoundError:
-            return ""
+        super().__init__(
+            [sys.executable, str(HOLDER_SCRIPT), spec.to_json()],
+            log_path=log_dir / f"holder-{spec.holder}.log",
+            cwd=FAULTS_DIR,
+            env=env,
+            name=f"holder {spec.holder}",
+        )
 
 
 # -- one run ------------------------------------------------------------------------------
@@ -370,7 +316,7 @@ class Scenario:
         """Start a holder process."""
         holder = HolderProcess(spec, self.tmp_path, fault_points)
         self.holders.append(holder)
-        return holder
+        return holder.start()
 
     def spawn_many(
         self, quorum: Quorum, count: int, timing: Timing | None = None, **options: Any
@@ -383,7 +329,12 @@ class Scenario:
 
     def wait_inside(self, holder: str, timeout: float = 15.0) -> int:
         """Wait until a gated holder has read inside its section; returns the section number."""
-        raw = wait_until(lambda: self.recorder.get(inside_flag(holder)), timeout, what=f"{holder} inside its section")
+        raw = wait_until(
+            lambda: self.recorder.get(inside_flag(holder)),
+            timeout,
+            interval=0.01,
+            message=f"{holder} inside its section",
+        )
         self.recorder.delete(inside_flag(holder))
         return int(raw)
 
@@ -400,7 +351,7 @@ class Scenario:
         base = self.sections_done() if since is None else since
         return wait_until(
             lambda: (n := self.sections_done()) >= base + extra and n, timeout, interval=0.02,
-            what=f"{extra} more sections (had {base})\n{self.holder_logs()}",
+            message=lambda: f"{extra} more sections (had {base})\n{self.holder_logs()}",
         )  # fmt: skip
 
     def stop_holders(self, timeout: float = 20.0) -> None:
@@ -415,11 +366,11 @@ class Scenario:
                 holder.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 holder.kill()
-                raise AssertionError(f"{holder} did not stop within {timeout}s:\n{holder.log()}") from None
+                raise AssertionError(f"{holder} did not stop within {timeout}s:\n{holder.log_tail()}") from None
 
     def holder_logs(self) -> str:
         """The tails of the holders' output."""
-        return "\n".join(f"--- {h!r} ---\n{h.log()[-800:]}" for h in self.holders if h.log().strip())
+        return log_tails([holder for holder in self.holders if holder.log.strip()], 15)
 
     # -- judging ----------------------------------------------------------------------
 
@@ -483,14 +434,11 @@ class Scenario:
     def close(self) -> None:
         """Kill what is left: holders (resumed first), nodes and the recorder."""
         for holder in self.holders:
-            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
-                if holder.paused:
-                    holder.resume()
-                holder.kill()
+            holder.kill()  # SIGKILL ends a paused holder too
         for quorum in self.quorums:
             quorum.close()
         self.recorder.close()
-        self.recorder_server.close()
+        self.recorder_server.stop()
 
 
 @contextlib.contextmanager

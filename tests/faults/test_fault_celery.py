@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,10 +18,12 @@ from typing import Any
 
 import pytest
 from celery import Celery, states
-from celery_workers import REPO_DIR, TESTS_DIR, CeleryWorker
-from fault_harness import FAULTS_DIR, FSYNC_ALWAYS, Scenario, Timing, now_ns, soak, wait_until
+from fault_harness import FAULTS_DIR, FSYNC_ALWAYS, Scenario, Timing, now_ns, soak
 from fault_holder import RUNS
-from redis_servers import RedisServer
+from support.redis_servers import RedisServer
+from support.workers import CeleryWorker
+
+from celery_dlock.testing.polling import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.worker, pytest.mark.multinode, pytest.mark.timeout(240)]
 
@@ -41,10 +42,9 @@ def test_full_outage_requeues_every_task_and_runs_it_once_the_nodes_are_back(
     scenario: Scenario, broker: RedisServer
 ) -> None:
     quorum = scenario.quorum(3, FSYNC_ALWAYS)
-    path = os.pathsep.join([str(FAULTS_DIR), str(TESTS_DIR), str(REPO_DIR)])
     worker = CeleryWorker(
         broker_url=broker.url, lock_urls=quorum.urls, recorder_url=scenario.recorder_url,
-        concurrency=2, app_module="fault_app", env={"PYTHONPATH": path},
+        concurrency=2, app_module="fault_app", app_dir=FAULTS_DIR,
     )  # fmt: skip
     client = Celery("fault-client", broker=broker.url, backend=broker.url, set_as_current=False)
     sent: list[Any] = []
@@ -58,7 +58,7 @@ def test_full_outage_requeues_every_task_and_runs_it_once_the_nodes_are_back(
         ids = {result.id for result in sent}
         wait_until(
             lambda: all(f"{task_id}]: requeued in" in worker.log for task_id in ids), 30,
-            what=f"every task to be requeued\n{worker.log_tail()}",
+            message=lambda: f"every task to be requeued\n{worker.log_tail()}",
         )  # fmt: skip
         time.sleep(soak(1.5, 15.0))  # and the outage goes on a while
         assert [run for run in runs(scenario) if run["id"] in ids] == [], "a task ran while every node was down"

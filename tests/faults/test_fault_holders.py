@@ -71,7 +71,7 @@ def test_holder_killed_at_a_fault_point_never_deadlocks(scenario: Scenario, poin
             crasher = scenario.spawn(spec, fault_points=[point])
             status = crasher.wait(30)
             died_at = scenario.faults.add("holder-crash", point=point, holder=spec.holder)
-            assert status == -signal.SIGKILL, f"{crasher} should have died at {point}:\n{crasher.log()}"
+            assert status == -signal.SIGKILL, f"{crasher} should have died at {point}:\n{crasher.log_tail()}"
             scenario.wait_progress(10, timeout=timing.liveness_bound + 10)
             delay = scenario.liveness(died_at, timing)
             scenario.notes.setdefault("waited_for_dead_lease", []).append(round(delay, 3))

@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery, states
-from redis_servers import HOST, RedisServer
+from support.redis_servers import RedisServer
 
 from celery_dlock import ConfigurationError, LockBusy, LockUnavailable, Redlock, single_flight
-from celery_dlock.celery.settings import Settings
 from celery_dlock.celery.keys import KeySpec
+from celery_dlock.celery.settings import Settings
+from celery_dlock.testing.redis_process import HOST
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
 
@@ -301,7 +302,7 @@ def tls_nodes(certs: Certs) -> Iterator[list[TlsRedisServer]]:
         yield servers
     finally:
         for server in servers:
-            server.close()
+            server.stop()
 
 
 def test_rediss_urls_lock_over_tls(tls_nodes: list[TlsRedisServer]) -> None:

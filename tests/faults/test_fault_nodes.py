@@ -22,10 +22,11 @@ import time
 from typing import Any
 
 import pytest
-from fault_harness import FSYNC_ALWAYS, VOLATILE, Quorum, Scenario, Timing, now_ns, running, soak, wait_until
+from fault_harness import FSYNC_ALWAYS, VOLATILE, Quorum, Scenario, Timing, now_ns, running, soak
 from fault_holder import Holder, run_section
 
 from celery_dlock import LockBusy, LockUnavailable, Redlock
+from celery_dlock.testing.polling import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.multinode, pytest.mark.timeout(180)]
 

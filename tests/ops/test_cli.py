@@ -13,8 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,12 +22,13 @@ import pytest
 from celery import Celery
 from celery.bin.base import CLIContext
 from click.testing import CliRunner, Result
-from redis_servers import RedisServer
+from support.redis_servers import RedisServer
 
 from celery_dlock import Redlock, single_flight
 from celery_dlock.ops.cli import EVENTS, dlock
-from celery_dlock.ops.doctor import lock_details, parked_tickets
+from celery_dlock.ops.inspect import lock_details, parked_tickets
 from celery_dlock.testing.plugin import assert_skipped
+from celery_dlock.testing.polling import wait_until
 
 UNREACHABLE = "redis://127.0.0.1:1/0"
 
@@ -38,15 +38,6 @@ def run(app: Celery, *args: str, input: str | None = None, code: int = 0) -> Res
     result = CliRunner().invoke(dlock, list(args), input=input, obj=CLIContext(app=app, no_color=True, workdir=None))
     assert result.exit_code == code, f"exit {result.exit_code}:\n{result.output}\n{result.exception!r}"
     return result
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll until ``condition()`` is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-    return value
 
 
 @pytest.fixture
@@ -89,9 +80,9 @@ def tasks(celery_app: Celery, gate: threading.Event) -> SimpleNamespace:
 def hold_with_parked(app: Celery, charge: Any, parked: int) -> tuple[Any, list[Any]]:
     """Start a run that holds ``ledger:acct-1``, then park ``parked`` duplicates behind it."""
     holder = charge.delay("acct-1", wait=True)
-    wait_for(lambda: lock_details(app, "ledger:acct-1"))
+    wait_until(lambda: lock_details(app, "ledger:acct-1"))
     duplicates = [charge.delay("acct-1") for _ in range(parked)]
-    wait_for(lambda: len(parked_tickets(app, "ledger:acct-1")) == parked)
+    wait_until(lambda: len(parked_tickets(app, "ledger:acct-1")) == parked)
     return holder, duplicates
 
 
@@ -200,7 +191,7 @@ def test_purge_by_prefix(celery_app: Celery, redlock: Redlock) -> None:
 
 def test_stats_after_real_runs(tasks, celery_app, celery_worker, gate) -> None:
     first = tasks.report.delay("mon", wait=True)
-    wait_for(lambda: lock_details(celery_app, "report:mon"))
+    wait_until(lambda: lock_details(celery_app, "report:mon"))
     assert_skipped(tasks.report.delay("mon"))
     gate.set()
     assert first.get(timeout=10) == "mon"

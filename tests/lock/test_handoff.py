@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from redis_servers import RedisCluster
+from support.redis_servers import RedisCluster
 
-from celery_dlock import LockBusy, Redlock
-from celery_dlock.lock.handoff import AlreadyClaimed, HandoffQueue, QueueFull
+from celery_dlock import AlreadyClaimed, HandoffQueue, LockBusy, QueueFull, Redlock
+from celery_dlock.testing.polling import wait_until
 
 
 @pytest.fixture
@@ -61,9 +59,7 @@ def test_a_lost_handoff_is_handed_off_again(queue: HandoffQueue, redis_node1: Re
     client = redis_node1[0].client()
     assert client.hget("dlock:lock:lost", "owner") == b"park:t1"
     assert queue.sweep(5) == [], "the reservation still stands"
-    deadline = time.monotonic() + 5
-    while client.exists("dlock:lock:lost") and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not client.exists("dlock:lock:lost"), 5, interval=0.01, message="the reservation to run out")
     (again,) = queue.sweep(5)
     assert (again.ticket, again.payload) == ("t1", b"x")
     queue.acquire("lost", ttl=5, ticket="t1").release()

@@ -1,8 +1,8 @@
 """Handoff queues (``on_busy="queue"`` and ``"coalesce"``) under real prefork workers.
 
 Every test runs real ``celery worker -P prefork -c 4`` subprocesses
-(:mod:`celery_workers`) on the tasks of :mod:`worker_app`, against real
-redis-server processes (:mod:`worker_stack`): the broker, results and
+(:class:`support.workers.CeleryWorker`) on the tasks of :mod:`worker_app`,
+against real redis-server processes (:mod:`support.worker_stack`): the broker, results and
 recorder on one, the lock node, which also holds the handoff queues, on
 another.
 
@@ -39,16 +39,14 @@ from urllib.parse import urlsplit
 import pytest
 from celery import states
 from celery.result import AsyncResult
-from celery_workers import wait_until
-from critical_sections import overlaps, tokens_rise_in_order
-from worker_stack import KEY_PREFIX, Stack, make_stack, new_key, stack_factory
+from support.worker_stack import KEY_PREFIX, Stack, new_key
 
-from celery_dlock import LockBusy
-from celery_dlock.lock.handoff import QueueFull
+from celery_dlock import LockBusy, QueueFull
+from celery_dlock.testing.intervals import falling_tokens, overlaps
+from celery_dlock.testing.polling import wait_until
 
 pytestmark = [pytest.mark.worker, pytest.mark.timeout(180)]
 
-__all__ = ["make_stack", "stack_factory"]  # fixtures, defined in worker_stack
 
 #: A queue that the module's worker consumes besides Celery's default one.
 ROUTED_QUEUE = "dlock-routed"
@@ -155,7 +153,7 @@ def assert_ran_once_in_turn(stack: Stack, key: str, ids: list[str]) -> None:
     sections = stack.sections(key)
     assert len(sections) == len(ids)
     assert overlaps(sections) == []
-    assert tokens_rise_in_order(sections)
+    assert falling_tokens(sections) == []
     assert stack.counter(key) == len(ids)  # no lost read-modify-write update
     wait_until(lambda: not stack.lock_exists(key), 10, message=f"the lock of {key} to go")
     assert stack.locks.llen(f"{KEY_PREFIX}queue:{key}") == 0

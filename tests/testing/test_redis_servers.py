@@ -1,4 +1,4 @@
-"""Tests of the redis-server test harness itself."""
+"""The redis-server helpers themselves: the package's RedisProcess and the suite's RedisServer."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ import socket
 
 import pytest
 import redis
-from redis_servers import (
-    ClusterFactory,
-    RedisCluster,
-    RedisServer,
-    find_redis_server,
-)
+from support.redis_servers import ClusterFactory, RedisCluster, RedisServer
+
+from celery_dlock.testing.redis_process import find_redis_server
 
 DURABLE = ("--appendonly", "yes", "--appendfsync", "always")
 
@@ -75,9 +72,9 @@ def test_paused_server_times_out_until_resumed(redis_server: RedisServer) -> Non
     assert client.ping() is True
 
 
-def test_stop_shuts_down_a_paused_server(redis_server: RedisServer) -> None:
+def test_terminate_shuts_down_a_paused_server(redis_server: RedisServer) -> None:
     redis_server.pause()
-    redis_server.stop(timeout=5)
+    redis_server.terminate(timeout=5)
     assert not redis_server.running
 
 
@@ -90,12 +87,12 @@ def test_requirepass_is_used_by_clients() -> None:
             server.client(password=None).get("key")
 
 
-def test_close_removes_directory_and_process() -> None:
+def test_stop_removes_directory_and_process() -> None:
     server = RedisServer().start()
     proc, directory = server.proc, server.dir
     assert proc is not None
 
-    server.close()
+    server.stop()
 
     assert proc.poll() is not None
     assert not directory.exists()

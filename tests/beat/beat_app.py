@@ -1,7 +1,7 @@
 """The Celery app that the beat and worker subprocesses of ``test_beat.py`` run.
 
-``celery -A beat_app beat|worker`` imports this module with ``tests/`` on the
-path.  Everything comes from the environment:
+``celery -A beat_app beat|worker`` imports this module with ``tests/beat``
+and ``tests/`` on the path (:func:`support.paths.import_path`).  Everything comes from the environment:
 
 * ``DLOCK_TEST_BROKER_URL``: broker and result backend;
 * ``DLOCK_TEST_LOCK_URLS``: ``dlock_redis_url``, comma-separated for several nodes;
@@ -35,13 +35,15 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.schedules import crontab
+from support.apps import PerProcess, app_urls
 
 from celery_dlock import single_flight
 from celery_dlock.beat import ENTRY_HEADER, SLOT_HEADER
 
-BROKER_URL = os.environ.get("DLOCK_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
-LOCK_URLS = [url for url in os.environ.get("DLOCK_TEST_LOCK_URLS", BROKER_URL).split(",") if url]
-RECORDER_URL = os.environ.get("DLOCK_TEST_RECORDER_URL", BROKER_URL)
+URLS = app_urls()
+BROKER_URL = URLS.broker
+LOCK_URLS = URLS.locks
+RECORDER_URL = URLS.recorder
 RUN = os.environ.get("DLOCK_TEST_RUN", "run")
 SCHEDULE = os.environ.get("DLOCK_TEST_BEAT_SCHEDULE", "")
 KEY_PREFIX = os.environ.get("DLOCK_TEST_KEY_PREFIX", "dlock:")
@@ -95,15 +97,8 @@ def _entries(kind: str) -> dict[str, dict[str, Any]]:
 
 app.conf.beat_schedule = _entries(SCHEDULE)
 
-_recorder: tuple[int, redis.Redis] | None = None
-
-
-def recorder() -> redis.Redis:
-    """This process's client of the recorder server."""
-    global _recorder
-    if _recorder is None or _recorder[0] != os.getpid():
-        _recorder = (os.getpid(), redis.Redis.from_url(RECORDER_URL))
-    return _recorder[1]
+#: This process's client of the recorder server.
+recorder = PerProcess(lambda: redis.Redis.from_url(RECORDER_URL))
 
 
 def _record(task: Task, key: str) -> None:

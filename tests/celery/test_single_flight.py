@@ -18,8 +18,8 @@ import pytest
 import redis
 from celery import Celery
 from celery.exceptions import Ignore, Reject
-from critical_sections import HISTORY, overlaps, read_sections, tokens_rise_in_order
-from redis_servers import RedisServer
+from support.critical_sections import read_sections, record_section
+from support.redis_servers import RedisServer
 
 from celery_dlock import (
     LockBusy,
@@ -31,6 +31,8 @@ from celery_dlock import (
     current_lock,
     single_flight,
 )
+from celery_dlock.testing.intervals import falling_tokens, overlaps
+from celery_dlock.testing.polling import wait_until
 
 FAST_REQUEUE = {"dlock_requeue_delay": 0.02, "dlock_requeue_max_delay": 0.1}
 
@@ -49,7 +51,7 @@ def section(recorder: redis.Redis, key: str) -> Iterator[None]:
     yield
     leave = time.monotonic_ns()
     token = lock.token if lock is not None else -1
-    recorder.rpush(HISTORY, f"{key} {token} {enter} {leave}")
+    record_section(recorder, key, token, enter, leave)
 
 
 def define(app: Celery, recorder: redis.Redis) -> SimpleNamespace:
@@ -203,7 +205,7 @@ def test_decorator_below_app_task_serialises_one_key(tasks, celery_worker, recor
     assert len(sections) == 12
     assert int(recorder.get("ran")) == 12
     assert overlaps(sections) == []
-    assert tokens_rise_in_order(sections)
+    assert falling_tokens(sections) == []
     requeued = sum(o["requeues"] for o in outcomes)
     assert requeued > 0, "with four threads and one key, some runs must have been requeued"
     assert all(o["retries"] == 0 for o in outcomes), "requeues must not count as retries"
@@ -340,20 +342,10 @@ def test_body_exits_release_the_lock(tasks, celery_worker, lock_server, recorder
         with pytest.raises(ValueError):
             result.get(timeout=10)
     client = lock_server.client()
-    assert wait_for(lambda: recorder.lrange("left", 0, -1) == [how.encode()])
+    assert wait_until(lambda: recorder.lrange("left", 0, -1) == [how.encode()])
     # The lease is 30 s: a key gone within a few seconds was released, not expired.
-    assert wait_for(lambda: not client.exists(f"dlock:lock:exit:{how}"), timeout=5)
+    assert wait_until(lambda: not client.exists(f"dlock:lock:exit:{how}"), timeout=5)
     assert int(client.get("dlock:fence")) == 1
-
-
-def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def test_lost_lock_is_reported_to_the_task(tasks, celery_worker, lock_server) -> None:
@@ -454,7 +446,7 @@ def test_hold_keeps_the_lock_until_the_ttl_runs_out(celery_app, celery_worker_po
         with pytest.raises(TaskSkipped):
             tick.delay(1).get(timeout=10)  # a second publish of the same run
         assert lock_server.client().exists("dlock:lock:held:1"), "kept after the body returned"
-        assert wait_for(lambda: not lock_server.client().exists("dlock:lock:held:1"), timeout=5)
+        assert wait_until(lambda: not lock_server.client().exists("dlock:lock:held:1"), timeout=5)
         assert tick.delay(1).get(timeout=10) == "ran"
     assert int(recorder.get("ticks")) == 2
 
@@ -544,7 +536,7 @@ def test_plugin_events_reach_an_event_receiver(tasks, celery_app, celery_worker,
     holder.release()
     hold = hold_externally(lock_server, "acct:77")
     requeued2 = tasks.charge.delay(77)
-    assert wait_for(lambda: any(e["type"] == "task-requeued" and e["uuid"] == requeued2.id for e in seen))
+    assert wait_until(lambda: any(e["type"] == "task-requeued" and e["uuid"] == requeued2.id for e in seen))
     hold.release()
     requeued.get(timeout=20)
     requeued2.get(timeout=20)
@@ -554,7 +546,7 @@ def test_plugin_events_reach_an_event_receiver(tasks, celery_app, celery_worker,
     def has(type_: str, uuid: str) -> bool:
         return any(e["type"] == type_ and e.get("uuid") == uuid for e in seen)
 
-    assert wait_for(lambda: has("task-skipped", skipped.id) and has("task-lock-lost", lost.id))
+    assert wait_until(lambda: has("task-skipped", skipped.id) and has("task-lock-lost", lost.id))
     assert has("task-lock-acquired", requeued.id)
     skipped_event = next(e for e in seen if e["type"] == "task-skipped")
     assert skipped_event["key"] == "skip:77"

@@ -12,14 +12,8 @@ import time
 
 import pytest
 import redis
-from critical_sections import (
-    COUNTER,
-    overlaps,
-    read_sections,
-    run_sections,
-    tokens_rise_in_order,
-)
-from redis_servers import RedisCluster, RedisServer
+from support.critical_sections import COUNTER, read_sections, run_sections
+from support.redis_servers import RedisCluster, RedisServer
 
 from celery_dlock import (
     DLockError,
@@ -30,18 +24,10 @@ from celery_dlock import (
     Redlock,
     Watchdog,
 )
+from celery_dlock.testing.intervals import falling_tokens, overlaps
+from celery_dlock.testing.polling import wait_until
 
 PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # -- the basics -----------------------------------------------------------------
@@ -150,7 +136,7 @@ def test_mutual_exclusion_across_threads(redis_nodes, redis_server: RedisServer,
     assert len(sections) == 90
     assert overlaps(sections) == []
     assert int(recorder.get(COUNTER)) == 90, "a lost update means two holders at once"
-    assert tokens_rise_in_order(sections)
+    assert falling_tokens(sections) == []
 
 
 def test_mutual_exclusion_across_processes(redis_nodes3: RedisCluster, redis_server: RedisServer) -> None:
@@ -164,7 +150,7 @@ def test_mutual_exclusion_across_processes(redis_nodes3: RedisCluster, redis_ser
     assert len({s.token for s in sections}) == 80
     assert overlaps(sections) == []
     assert int(recorder.get(COUNTER)) == 80
-    assert tokens_rise_in_order(sections)
+    assert falling_tokens(sections) == []
 
 
 def test_lock_survives_fork(redis_node1: RedisCluster) -> None:
@@ -192,7 +178,7 @@ def _acquire_token(redlock: Redlock, key: str, results) -> None:
 def test_release_by_non_owner_changes_nothing(redis_nodes3: RedisCluster) -> None:
     redlock = Redlock(redis_nodes3.urls)
     stale = redlock.acquire("owned", ttl=0.2)
-    assert wait_for(lambda: all(not c.exists("dlock:lock:owned") for c in redis_nodes3.clients()))
+    assert wait_until(lambda: all(not c.exists("dlock:lock:owned") for c in redis_nodes3.clients()))
     current = redlock.acquire("owned", ttl=5)
 
     assert stale.lost
@@ -217,7 +203,7 @@ def test_extend_renews_the_lease(redis_nodes3: RedisCluster) -> None:
 def test_extend_after_expiry_fails_and_sets_lost(redis_nodes3: RedisCluster) -> None:
     redlock = Redlock(redis_nodes3.urls)
     lock = redlock.acquire("lapsed", ttl=0.1)
-    assert wait_for(lambda: all(not c.exists("dlock:lock:lapsed") for c in redis_nodes3.clients()))
+    assert wait_until(lambda: all(not c.exists("dlock:lock:lapsed") for c in redis_nodes3.clients()))
     with pytest.raises(LockLost):
         lock.extend(5)
     assert lock.lost
@@ -299,7 +285,7 @@ def test_a_hung_minority_does_not_delay_the_quorum(redis_nodes3: RedisCluster) -
     finally:
         redis_nodes3[2].resume()
     # After the node comes back, its backlog is drained and it serves again.
-    assert wait_for(lambda: _acquires_on_all(redlock, redis_nodes3), timeout=5)
+    assert wait_until(lambda: _acquires_on_all(redlock, redis_nodes3), timeout=5)
 
 
 def _acquires_on_all(redlock: Redlock, nodes: RedisCluster) -> bool:
@@ -317,7 +303,7 @@ def test_reacquires_after_a_node_restarts(redis_nodes3: RedisCluster) -> None:
         # slow node would be, when the acquire returns.
         assert sum(1 for c in redis_nodes3.clients() if c.exists("dlock:lock:restart")) >= redlock.quorum
     assert lock.released
-    assert wait_for(lambda: not any(c.exists("dlock:lock:restart") for c in redis_nodes3.clients()))
+    assert wait_until(lambda: not any(c.exists("dlock:lock:restart") for c in redis_nodes3.clients()))
 
 
 def test_unreachable_node_is_not_bad_input() -> None:
@@ -378,14 +364,14 @@ def test_watchdog_keeps_a_lock_far_past_its_ttl_then_stops(redis_nodes3: RedisCl
     lock = redlock.acquire("long", ttl=0.3, auto_extend=True)
     assert len(watchdog) == 1
 
-    assert wait_for(lambda: lock.extensions >= 6, timeout=10)  # over 2x the ttl of renewals
+    assert wait_until(lambda: lock.extensions >= 6, timeout=10)  # over 2x the ttl of renewals
     with pytest.raises(LockBusy):
         other.acquire("long", ttl=1, blocking=False)
     assert not lock.lost
 
     lock.release()
     renewals = lock.extensions
-    assert wait_for(lambda: len(watchdog) == 0)
+    assert wait_until(lambda: len(watchdog) == 0)
     time.sleep(0.5)  # more than one renewal period: none must happen
     assert lock.extensions == renewals
     assert not any(c.exists("dlock:lock:long") for c in redis_nodes3.clients())
@@ -416,9 +402,9 @@ def test_watchdog_survives_a_raising_callback_and_keeps_serving(redis_node1: Red
 
     doomed = redlock.acquire("doomed", ttl=0.2, auto_extend=True, on_lost=explode)
     redis_node1[0].client().delete("dlock:lock:doomed")
-    assert wait_for(lambda: doomed.lost)
+    assert wait_until(lambda: doomed.lost)
     survivor = redlock.acquire("survivor", ttl=0.2, auto_extend=True)
-    assert wait_for(lambda: survivor.extensions >= 3)
+    assert wait_until(lambda: survivor.extensions >= 3)
     assert not survivor.lost
     survivor.release()
 
@@ -433,10 +419,10 @@ def test_watchdog_stops_at_max_hold(redis_node1: RedisCluster) -> None:
         max_hold=0.5,
         on_lost=lambda lock, error: errors.append(error),
     )
-    assert wait_for(lambda: bool(errors), timeout=5)  # lost turns true a moment before the callback
+    assert wait_until(lambda: bool(errors), timeout=5)  # lost turns true a moment before the callback
     assert lock.lost
     assert isinstance(errors[0], LockLost) and "max_hold" in str(errors[0])
-    assert wait_for(lambda: not redis_node1[0].client().exists("dlock:lock:capped"))
+    assert wait_until(lambda: not redis_node1[0].client().exists("dlock:lock:capped"))
 
 
 def test_watchdog_retries_through_an_outage_shorter_than_the_lease(redis_nodes3: RedisCluster) -> None:
@@ -448,7 +434,7 @@ def test_watchdog_retries_through_an_outage_shorter_than_the_lease(redis_nodes3:
     redis_nodes3[0].resume()
     redis_nodes3[1].resume()
     renewals = lock.extensions
-    assert wait_for(lambda: lock.extensions > renewals, timeout=5)
+    assert wait_until(lambda: lock.extensions > renewals, timeout=5)
     assert not lock.lost
     lock.release()
 
@@ -463,7 +449,7 @@ def test_blocked_waiter_is_woken_by_the_release(redis_nodes3: RedisCluster) -> N
     got: list[Lock] = []
     waiting = threading.Thread(target=lambda: got.append(redlock.acquire("wake", ttl=5, timeout=60)))
     waiting.start()
-    assert wait_for(lambda: _subscribers(redis_nodes3, "dlock:released:wake") == 1)
+    assert wait_until(lambda: _subscribers(redis_nodes3, "dlock:released:wake") == 1)
     released_at = time.monotonic()
     holder.release()
     waiting.join(10)
@@ -610,7 +596,7 @@ def test_force_release_clears_a_stuck_lock_and_wakes_waiters(redis_nodes3: Redis
     got: list[Lock] = []
     waiter = threading.Thread(target=lambda: got.append(redlock.acquire("stuck", ttl=5, timeout=60)))
     waiter.start()
-    assert wait_for(lambda: _subscribers(redis_nodes3, "dlock:released:stuck") == 1)
+    assert wait_until(lambda: _subscribers(redis_nodes3, "dlock:released:stuck") == 1)
     holder = redlock.force_release("stuck")
     assert holder is not None and holder["label"] == "crashed-task"
     waiter.join(10)

@@ -1,8 +1,9 @@
 # mypy: disable-error-code="untyped-decorator"
 """The Celery app that the worker subprocesses of ``test_worker_prefork.py`` run.
 
-``celery -A worker_app worker`` imports this module with ``tests/`` on the
-path (see :mod:`celery_workers`).  Everything comes from the environment:
+``celery -A worker_app worker`` imports this module with ``tests/celery``
+and ``tests/`` on the path (see :class:`support.workers.CeleryWorker`).
+Everything comes from the environment:
 
 * ``DLOCK_TEST_BROKER_URL``: broker and result backend;
 * ``DLOCK_TEST_LOCK_URLS``: ``dlock_redis_url``, comma-separated for several nodes;
@@ -17,8 +18,8 @@ path (see :mod:`celery_workers`).  Everything comes from the environment:
 Every task body runs inside :func:`section`, which pushes one JSON line to
 the ``runs`` list when the body starts (task id, key, token, pid, node,
 retries, lock-busy requeues) and one ``"key token enter_ns exit_ns"`` line to
-:data:`critical_sections.HISTORY` when it ends, by return or by exception,
-so that :func:`critical_sections.read_sections` and ``overlaps`` apply.  It
+the history of :mod:`support.critical_sections` when it ends, by return or
+by exception, so that its ``read_sections`` and the interval checks apply.  It
 also bumps ``counter:<key>`` with a read at entry and a write at exit: two
 bodies inside at once lose an update.  A body killed with its process leaves
 the start line and nothing else.
@@ -36,14 +37,16 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
-from critical_sections import HISTORY
+from support.apps import PerProcess, app_urls
+from support.critical_sections import record_section
 
 from celery_dlock import Lock, current_lock, single_flight
-from celery_dlock.celery.guard import REQUEUES_HEADER, TICKET_HEADER
+from celery_dlock.celery.headers import REQUEUES_HEADER, TICKET_HEADER
 
-BROKER_URL = os.environ.get("DLOCK_TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
-LOCK_URLS = [url for url in os.environ.get("DLOCK_TEST_LOCK_URLS", BROKER_URL).split(",") if url]
-RECORDER_URL = os.environ.get("DLOCK_TEST_RECORDER_URL", BROKER_URL)
+URLS = app_urls()
+BROKER_URL = URLS.broker
+LOCK_URLS = URLS.locks
+RECORDER_URL = URLS.recorder
 ACKS_LATE = os.environ.get("DLOCK_TEST_ACKS_LATE") == "1"
 VISIBILITY_TIMEOUT = os.environ.get("DLOCK_TEST_VISIBILITY_TIMEOUT")
 
@@ -75,15 +78,8 @@ if VISIBILITY_TIMEOUT:
         "unacked_restore_throttle": 1,
     }
 
-_recorder: tuple[int, redis.Redis] | None = None
-
-
-def recorder() -> redis.Redis:
-    """This process's client of the recorder server."""
-    global _recorder
-    if _recorder is None or _recorder[0] != os.getpid():
-        _recorder = (os.getpid(), redis.Redis.from_url(RECORDER_URL))
-    return _recorder[1]
+#: This process's client of the recorder server.
+recorder = PerProcess(lambda: redis.Redis.from_url(RECORDER_URL))
 
 
 def lock_key_exists(key: str) -> bool:
@@ -126,8 +122,7 @@ def section(task: Task, key: str) -> Iterator[Lock | None]:
         yield lock
     finally:
         rec.set(counter, seen + 1)
-        leave = time.monotonic_ns()
-        rec.rpush(HISTORY, f"{key} {token} {enter} {leave}")
+        record_section(rec, key, token, enter, time.monotonic_ns())
 
 
 def event(task: Task, kind: str, **fields: Any) -> None:

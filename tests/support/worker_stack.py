@@ -1,15 +1,12 @@
-"""A stack of real servers and ``celery worker`` subprocesses, shared by worker tests.
+"""A stack of real servers and ``celery worker`` subprocesses, for the worker tests.
 
 A :class:`Stack` is one redis-server for the broker, the results and the
 recorder (database 1), lock nodes (a fresh redis-server unless given), and
-the prefork workers (:mod:`celery_workers`) started on them, which run the
-tasks of :mod:`worker_app`.  It sends tasks and reads back what their bodies
-recorded, the lock hashes at ``dlock:lock:<key>`` and the task results.
-
-The fixtures: ``make_stack`` (stacks living as long as the test module),
-``stack_factory`` (stacks torn down after the test) and ``shared`` (one stack
-with one worker of concurrency 4, for the module).  A test module imports the
-ones it uses.
+the prefork workers (:class:`~support.workers.CeleryWorker`) started on them,
+which run the tasks of ``tests/celery/worker_app.py``.  It sends tasks and
+reads back what their bodies recorded, the lock hashes at
+``dlock:lock:<key>`` and the task results.  :func:`stacks` makes them and
+closes them; the fixtures of ``tests/celery/conftest.py`` are built on it.
 """
 
 from __future__ import annotations
@@ -23,15 +20,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 import redis
 from celery import Celery
 from celery.result import AsyncResult
-from celery_workers import CeleryWorker, wait_until
-from critical_sections import Section, read_sections
-from redis_servers import HOST, RedisServer
 
-__all__ = ["KEY_PREFIX", "Stack", "make_stack", "new_key", "shared", "stack_factory"]
+from celery_dlock.testing.polling import wait_until
+from celery_dlock.testing.process import log_tails
+from celery_dlock.testing.redis_process import HOST
+
+from .critical_sections import Section, read_sections
+from .redis_servers import RedisServer
+from .workers import CeleryWorker
+
+__all__ = ["KEY_PREFIX", "Stack", "new_key", "stacks"]
 
 KEY_PREFIX = "dlock:"
 
@@ -130,13 +131,13 @@ class Stack:
         return async_result
 
     def logs(self, lines: int = 30) -> str:
-        return "\n".join(f"--- {w.base_name} ---\n{w.log_tail(lines)}" for w in self.workers)
+        return log_tails(self.workers, lines)
 
 
 @contextmanager
-def _stacks() -> Iterator[Callable[..., Stack]]:
+def stacks() -> Iterator[Callable[..., Stack]]:
     """A factory of stacks (a fresh broker; fresh lock nodes unless given), closed on exit."""
-    stacks: list[Stack] = []
+    made: list[Stack] = []
     servers: list[RedisServer] = []
 
     def make(lock_urls: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Stack:
@@ -147,35 +148,13 @@ def _stacks() -> Iterator[Callable[..., Stack]]:
             servers.append(lock_server)
             lock_urls = [lock_server.url]
         stack = Stack(broker, list(lock_urls), dict(env or {}))
-        stacks.append(stack)
+        made.append(stack)
         return stack
 
     try:
         yield make
     finally:
-        for stack in stacks:
+        for stack in made:
             stack.close()
         for server in servers:
-            server.close()
-
-
-@pytest.fixture(scope="module")
-def make_stack() -> Iterator[Callable[..., Stack]]:
-    """Stacks that live as long as this module's tests."""
-    with _stacks() as make:
-        yield make
-
-
-@pytest.fixture
-def stack_factory() -> Iterator[Callable[..., Stack]]:
-    """Stacks torn down at the end of the test."""
-    with _stacks() as make:
-        yield make
-
-
-@pytest.fixture(scope="module")
-def shared(make_stack: Callable[..., Stack]) -> Stack:
-    """One stack with one prefork worker (concurrency 4), shared by most tests."""
-    stack = make_stack()
-    stack.worker(concurrency=4)
-    return stack
+            server.stop()

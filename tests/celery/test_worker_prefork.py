@@ -1,7 +1,7 @@
 """Single-flight tasks under real ``celery worker -P prefork`` subprocesses.
 
-Each test talks to real workers (:mod:`celery_workers`) running the tasks of
-:mod:`worker_app` against real redis-server processes: one for the broker,
+Each test talks to real workers (:class:`support.workers.CeleryWorker`) running
+the tasks of :mod:`worker_app` against real redis-server processes: one for the broker,
 results and the recorder (database 1), one for the locks.  Effects are read
 back from Redis: the sections the bodies recorded, the lock hashes at
 ``dlock:lock:<key>``, and the task results.  Every wait is a bounded poll.
@@ -23,16 +23,14 @@ from typing import Any
 import pytest
 from celery import states
 from celery.result import AsyncResult
-from celery_workers import wait_until
-from critical_sections import overlaps, tokens_rise_in_order
-from redis_servers import HOST, free_port
-from worker_stack import Stack, make_stack, new_key, shared, stack_factory
+from support.worker_stack import Stack, new_key
 
 from celery_dlock import LockBusy, LockUnavailable, Redlock
+from celery_dlock.testing.intervals import falling_tokens, overlaps
+from celery_dlock.testing.polling import wait_until
+from celery_dlock.testing.redis_process import HOST, free_port
 
 pytestmark = [pytest.mark.worker, pytest.mark.timeout(120)]
-
-__all__ = ["make_stack", "shared", "stack_factory"]  # fixtures, defined in worker_stack
 
 
 def assert_next_task_runs(stack: Stack, key: str, *, after_token: int, timeout: float = 15.0) -> int:
@@ -61,7 +59,7 @@ def test_no_overlap_under_a_prefork_worker(shared: Stack) -> None:
     sections = shared.sections(key)
     assert len(sections) == 20
     assert overlaps(sections) == []
-    assert tokens_rise_in_order(sections)
+    assert falling_tokens(sections) == []
     assert sorted(r.result for r in results) == sorted(s.token for s in sections)
     assert shared.counter(key) == 20  # no lost read-modify-write update
     assert not shared.lock_exists(key)
@@ -84,7 +82,7 @@ def test_two_worker_processes_share_the_queue(shared: Stack) -> None:
     sections = shared.sections(key)
     assert len(sections) == 24
     assert overlaps(sections) == []
-    assert tokens_rise_in_order(sections)
+    assert falling_tokens(sections) == []
     assert shared.counter(key) == 24
     assert not shared.lock_exists(key)
     assert code == 0
@@ -352,7 +350,7 @@ def test_redelivered_message_never_overlaps(stack_factory: Callable[..., Stack])
         first, *later = runs = stack.runs(task_id=task.id)
         sections = stack.sections(key)
         assert overlaps(sections) == []
-        assert tokens_rise_in_order(sections)
+        assert falling_tokens(sections) == []
         assert first["requeues"] == 0 and all(run["requeues"] > 0 for run in later)
         assert [run["token"] for run in runs] == sorted(s.token for s in sections)
         assert stack.counter(key) == len(runs)

@@ -22,8 +22,6 @@ redis-servers, with schedulers whose publishing is recorded.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import itertools
 import json
 import logging
@@ -31,11 +29,8 @@ import math
 import os
 import re
 import shelve
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -48,13 +43,17 @@ import pytest
 import redis
 from celery import Celery
 from celery.schedules import crontab, schedule
-from redis_servers import RedisServer
+from support.apps import app_environment
+from support.paths import import_path
+from support.redis_servers import RedisServer
+from support.workers import CeleryWorker
 
 from celery_dlock import ConfigurationError
 from celery_dlock.beat import SLOT_HEADER, STALL_ALLOWANCE, MultiBeatScheduler, Slot, locate
+from celery_dlock.testing.polling import wait_until
+from celery_dlock.testing.process import ManagedProcess, log_tails, python_environment
 
-TESTS_DIR = Path(__file__).resolve().parent
-REPO_DIR = TESTS_DIR.parent
+BEAT_DIR = Path(__file__).resolve().parent
 SCHEDULER = "celery_dlock.beat:MultiBeatScheduler"
 UTC = timezone.utc
 
@@ -62,110 +61,21 @@ SENT = re.compile(r"Scheduler: Sending due task (\S+) \(\S+\) for (\S+)")
 TAKEN = re.compile(r"Scheduler: (\S+) for (\S+) already claimed by")
 SCHEDULE_FILE = re.compile(r"beat: schedule file (\S+);")
 
-_live: set[Proc] = set()
+
+# -- beats -------------------------------------------------------------------------------
 
 
-@atexit.register
-def _reap() -> None:
-    for proc in list(_live):
-        proc.kill()
+class Beat(ManagedProcess):
+    """One ``python -m celery -A beat_app beat`` with the multi-beat scheduler, in its own session."""
 
-
-def wait_until(predicate: Callable[[], Any], timeout: float, message: str | Callable[[], str]) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {text}")
-        time.sleep(0.05)
-
-
-# -- subprocesses ----------------------------------------------------------------------
-
-
-class Proc:
-    """``python -m celery -A beat_app <args>`` in its own session, logging to a file."""
-
-    def __init__(self, name: str, args: list[str], *, cwd: Path, env: dict[str, str], logs: Path) -> None:
-        self.name = name
-        self.command = [sys.executable, "-m", "celery", "-A", "beat_app", *args]
+    def __init__(self, name: str, *, cwd: Path, env: dict[str, str]) -> None:
+        command = [sys.executable, "-m", "celery", "-A", "beat_app", "beat", "-S", SCHEDULER, "-l", "INFO"]
+        super().__init__(command, log_path=cwd / f"{name}.log", cwd=cwd, env=env, name=name)
         self.cwd = cwd
-        self.env = env
-        self.log_path = logs / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        #: When start() was called, on the real clock.
-        self.started_at = 0.0
-
-    def __repr__(self) -> str:
-        return f"<Proc {self.name} {'running' if self.running else 'stopped'}>"
-
-    def start(self) -> Proc:
-        self.started_at = time.time()
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        _live.add(self)
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def tail(self, lines: int = 30) -> str:
-        return f"--- {self.name} ---\n" + "\n".join(self.log.splitlines()[-lines:])
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
-        def found() -> re.Match[str] | None:
-            if not self.running:
-                raise AssertionError(f"{self.name} exited with {self.proc and self.proc.returncode}:\n{self.tail()}")
-            return pattern.search(self.log)
-
-        return wait_until(found, timeout, lambda: f"{pattern.pattern!r} from {self.name}:\n{self.tail()}")  # type: ignore[no-any-return]
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (beat syncs its schedule file and exits), then SIGKILL what is left."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        code = self.proc.poll()
-        self.kill()
-        return code
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group, as ``kill -9``, and reap it."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL is not ignorable
-            self.proc.wait(10)
-        _live.discard(self)
-
-
-class Beat(Proc):
-    """One ``celery beat`` with the multi-beat scheduler."""
-
-    def __init__(self, name: str, **kwargs: Any) -> None:
-        super().__init__(name, ["beat", "-S", SCHEDULER, "-l", "INFO"], **kwargs)
         self.schedule_file: str | None = None
 
     def wait_ready(self) -> Beat:
-        self.schedule_file = self.wait_for(SCHEDULE_FILE).group(1)
+        self.schedule_file = self.wait_for_log(SCHEDULE_FILE, timeout=30).group(1)
         return self
 
     def sent(self, entry: str) -> list[str]:
@@ -200,19 +110,11 @@ class Services:
         self.locks = redis.Redis.from_url(self.lock_url)
 
     def env(self, **extra: Any) -> dict[str, str]:
-        env = dict(os.environ)
-        path = [str(TESTS_DIR), str(REPO_DIR)]
-        if env.get("PYTHONPATH"):
-            path.append(env["PYTHONPATH"])
-        env.update(
-            PYTHONPATH=os.pathsep.join(path),
-            PYTHONUNBUFFERED="1",
-            DLOCK_TEST_BROKER_URL=self.broker_url,
-            DLOCK_TEST_LOCK_URLS=self.lock_url,
-            DLOCK_TEST_RECORDER_URL=self.recorder_url,
+        """The environment of a beat: the import path of ``beat_app``, the URLs and ``extra``."""
+        urls = app_environment(
+            broker_url=self.broker_url, lock_urls=[self.lock_url], recorder_url=self.recorder_url, **extra
         )
-        env.update({key: str(value) for key, value in extra.items()})
-        return env
+        return python_environment(import_path(BEAT_DIR), urls)
 
     def records(self, key: str) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.recorder.lrange(key, 0, -1)]
@@ -228,25 +130,23 @@ def services() -> Iterator[Services]:
 
 
 @pytest.fixture(scope="module")
-def worker(services: Services) -> Iterator[Proc]:
+def worker(services: Services) -> Iterator[CeleryWorker]:
     """One prefork worker running ``beat_app``'s tasks, for the whole module."""
-    logs = Path(tempfile.mkdtemp(prefix="dlock-beat-worker-"))
-    proc = Proc(
-        "worker",
-        [
-            "worker", "-P", "prefork", "-c", "4", "-l", "INFO", "-n", f"beatw{uuid.uuid4().hex[:8]}@%h",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ],
-        cwd=logs, env=services.env(DLOCK_TEST_BEAT_SCHEDULE=""), logs=logs,
-    )  # fmt: skip
-    proc.start()
+    worker = CeleryWorker(
+        broker_url=services.broker_url,
+        lock_urls=[services.lock_url],
+        recorder_url=services.recorder_url,
+        app_module="beat_app",
+        app_dir=BEAT_DIR,
+        env={"DLOCK_TEST_BEAT_SCHEDULE": ""},
+        concurrency=4,
+        name=f"beatw{uuid.uuid4().hex[:8]}",
+        startup_timeout=60,
+    )
     try:
-        proc.wait_for(re.compile(r"@\S+ ready\."), timeout=60)
-        yield proc
+        yield worker.start()
     finally:
-        proc.stop()
-        if not os.environ.get("DLOCK_TEST_KEEP_LOGS"):
-            shutil.rmtree(logs, ignore_errors=True)
+        worker.close()
 
 
 class BeatGroup:
@@ -261,12 +161,7 @@ class BeatGroup:
         self.beats: list[Beat] = []
 
     def start(self, name: str, **env: Any) -> Beat:
-        beat = Beat(
-            name,
-            cwd=self.cwd,
-            env=self.services.env(**{**self.env, **env}),
-            logs=self.cwd,
-        )
+        beat = Beat(name, cwd=self.cwd, env=self.services.env(**{**self.env, **env}))
         self.beats.append(beat)
         return beat.start()
 
@@ -281,21 +176,20 @@ class BeatGroup:
         return started
 
     def stop(self) -> None:
+        for beat in self.beats:  # SIGTERM: a beat syncs its schedule file and exits
+            beat.send_signal(signal.SIGTERM)
         for beat in self.beats:
-            if beat.running:
-                beat.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-        for beat in self.beats:
-            beat.stop()
+            beat.stop(timeout=15)
 
     def records(self) -> list[dict[str, Any]]:
         return self.services.records(f"ticks:{self.run}")
 
     def logs(self) -> str:
-        return "\n".join(beat.tail(15) for beat in self.beats)
+        return log_tails(self.beats, 15)
 
 
 @pytest.fixture
-def beat_group(services: Services, worker: Proc, tmp_path: Path) -> Iterator[Callable[..., BeatGroup]]:
+def beat_group(services: Services, worker: CeleryWorker, tmp_path: Path) -> Iterator[Callable[..., BeatGroup]]:
     groups: list[BeatGroup] = []
 
     def make(**env: Any) -> BeatGroup:
@@ -306,7 +200,7 @@ def beat_group(services: Services, worker: Proc, tmp_path: Path) -> Iterator[Cal
     yield make
     for group in groups:
         group.stop()
-    assert worker.running, worker.tail()
+    assert worker.running, worker.log_tail()
 
 
 # -- time --------------------------------------------------------------------------------
@@ -339,7 +233,8 @@ def check_exactly_once(group: BeatGroup, entry: str, expected: list[float]) -> C
     wait_until(
         lambda: set(sent) <= {r["slot"] for r in group.records() if r["entry"] == entry},
         15,
-        f"the worker to run every {entry} sent",
+        interval=0.05,
+        message=f"the worker to run every {entry} sent",
     )
     time.sleep(0.3)  # a run published twice would have arrived by now too
     runs = Counter(r["slot"] for r in group.records() if r["entry"] == entry)
@@ -355,10 +250,10 @@ def check_exactly_once(group: BeatGroup, entry: str, expected: list[float]) -> C
 def check_bookkeeping(beat: Beat, entry: str, step: float, *, fresh: bool = True) -> list[float]:
     """A beat handled consecutive slots once each, and its schedule file says so."""
     handled = sorted(ts(slot) for slot in beat.handled(entry))
-    assert handled, f"{beat.name} handled no {entry} slot:\n{beat.tail()}"
+    assert handled, f"{beat.name} handled no {entry} slot:\n{beat.log_tail(30)}"
     assert len(handled) == len(set(handled)), f"{beat.name} handled a {entry} slot twice"
     gaps = [(iso(a), iso(b)) for a, b in itertools.pairwise(handled) if b - a != step]
-    assert not gaps, f"{beat.name} skipped {entry} slots: {gaps}\n{beat.tail()}"
+    assert not gaps, f"{beat.name} skipped {entry} slots: {gaps}\n{beat.log_tail(30)}"
     stored = beat.stored(entry)
     assert stored.last_run_at.timestamp() == handled[-1], (beat.name, stored.last_run_at, iso(handled[-1]))
     if fresh:
@@ -488,7 +383,7 @@ def test_clock_skew_within_tolerance(beat_group: Callable[..., BeatGroup]) -> No
 
 
 @pytest.mark.worker
-def test_hold_runs_one_tick_once(services: Services, worker: Proc) -> None:
+def test_hold_runs_one_tick_once(services: Services, worker: CeleryWorker) -> None:
     """``single_flight(hold=2)``: two publishes of a tick run once; the next period runs."""
     hold = 2.0  # beat_app.HOLD: the worker has no DLOCK_TEST_HOLD
     run = uuid.uuid4().hex[:10]

@@ -11,9 +11,9 @@ import pytest
 from celery import Celery
 
 from celery_dlock import ConfigurationError, SingleFlightTask, single_flight
-from celery_dlock.celery.settings import Settings
 from celery_dlock.celery.keys import MAX_KEY_LENGTH, MAX_VALUE_LENGTH, KeySpec
 from celery_dlock.celery.options import SingleFlightOptions
+from celery_dlock.celery.settings import Settings
 
 
 def spec_for(function: Any, key: Any = None) -> KeySpec:

@@ -1,0 +1,82 @@
+"""Critical sections that record what they did, for mutual-exclusion checks.
+
+Every holder appends ``key token enter_ns exit_ns`` (:func:`record_section`)
+to the :data:`HISTORY` list on a recorder server apart from the lock nodes,
+and :func:`run_sections` also increments a counter with a read-modify-write
+that sleeps in the middle, so a second holder inside at the same time loses
+an update.  :func:`read_sections` reads the history back as :class:`Section`
+records, which :func:`celery_dlock.testing.intervals.overlaps` and
+:func:`~celery_dlock.testing.intervals.falling_tokens` judge: the one
+interval checker, shared with the pytest plugin.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from celery_dlock import LockBusy, Redlock
+
+__all__ = ["COUNTER", "HISTORY", "Section", "read_sections", "record_section", "run_sections"]
+
+HISTORY = "history"
+COUNTER = "counter"
+
+
+@dataclass(frozen=True)
+class Section:
+    """One recorded critical section: its key, the token it held, when it was entered and left.
+
+    ``start`` and ``end`` name ``enter`` and ``exit`` as
+    :class:`celery_dlock.testing.intervals.Interval` does.
+    """
+
+    key: str
+    token: int
+    enter: int
+    exit: int
+
+    @property
+    def start(self) -> int:
+        return self.enter
+
+    @property
+    def end(self) -> int:
+        return self.exit
+
+
+def record_section(recorder: redis.Redis, key: str, token: int, enter: int, leave: int) -> None:
+    """Append one section to the history (``time.monotonic_ns()`` times)."""
+    recorder.rpush(HISTORY, f"{key} {token} {enter} {leave}")
+
+
+def read_sections(recorder: redis.Redis) -> list[Section]:
+    """The sections recorded so far."""
+    sections = []
+    for raw in recorder.lrange(HISTORY, 0, -1):
+        key, token, enter, leave = raw.decode().split()
+        sections.append(Section(key, int(token), int(enter), int(leave)))
+    return sections
+
+
+def run_sections(node_urls: Sequence[str], recorder_url: str, key: str, rounds: int, hold: float = 0.001) -> int:
+    """Enter the critical section on ``key`` ``rounds`` times; returns how many ran."""
+    redlock = Redlock(list(node_urls), retry_count=1000, retry_delay=0.01, retry_jitter=0.01)
+    recorder = redis.Redis.from_url(recorder_url)
+    done = 0
+    for _ in range(rounds):
+        try:
+            lock = redlock.acquire(key, ttl=10)
+        except LockBusy:
+            continue
+        with lock:
+            enter = time.monotonic_ns()
+            value = int(recorder.get(COUNTER) or 0)
+            time.sleep(hold)
+            recorder.set(COUNTER, value + 1)
+            record_section(recorder, key, lock.token, enter, time.monotonic_ns())
+        done += 1
+    return done
