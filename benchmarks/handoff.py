@@ -168,7 +168,7 @@ SCENARIO = Scenario(name="handoff", title="Scenario 2: handoff latency on a cont
 
 
 def _variants(
-    node: servers.RedisServer,
+    node: servers.RedisProcess,
     cleanup: ExitStack,
     notes: list[str],
     seeds: random.Random,
@@ -202,12 +202,12 @@ def _name(family: str) -> str:
     return f"bench:handoff:{family}"
 
 
-def _client(node: servers.RedisServer) -> Any:
+def _client(node: servers.RedisProcess) -> Any:
     """A client of its own, with no socket timeout: waits may block for long."""
     return node.client(socket_timeout=None)
 
 
-def _ours(node: servers.RedisServer, cleanup: ExitStack) -> Contender:
+def _ours(node: servers.RedisProcess, cleanup: ExitStack) -> Contender:
     redlock = Redlock([node.url])
     cleanup.callback(redlock.close)
     held: list[Lock] = []
@@ -222,17 +222,17 @@ def _ours(node: servers.RedisServer, cleanup: ExitStack) -> Contender:
     return Contender(acquire, release)
 
 
-def _redis_py(node: servers.RedisServer) -> Contender:
+def _redis_py(node: servers.RedisProcess) -> Contender:
     lock = _client(node).lock(_name("redis-py"), timeout=TTL_SECONDS, blocking_timeout=WAIT_SECONDS)
     return _blocking(lock, "redis-py Lock")
 
 
-def _python_redis_lock(module: Any, node: servers.RedisServer) -> Contender:
+def _python_redis_lock(module: Any, node: servers.RedisProcess) -> Contender:
     lock = module.Lock(_client(node), _name("python-redis-lock"), expire=TTL_SECONDS)
     return _blocking(lock, "python-redis-lock", timeout=WAIT_SECONDS)
 
 
-def _pottery(module: Any, node: servers.RedisServer) -> Contender:
+def _pottery(module: Any, node: servers.RedisProcess) -> Contender:
     lock = module.Redlock(key=_name("pottery"), masters={_client(node)}, auto_release_time=TTL_SECONDS)
     return _blocking(lock, "pottery", timeout=WAIT_SECONDS)
 

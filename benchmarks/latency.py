@@ -159,7 +159,7 @@ SCENARIO = Scenario(name="latency", title="Scenario 1: uncontended lock latency"
 # -- the variants ---------------------------------------------------------------
 
 
-def _variants(nodes: Sequence[servers.RedisServer], cleanup: ExitStack, notes: list[str]) -> list[Variant]:
+def _variants(nodes: Sequence[servers.RedisProcess], cleanup: ExitStack, notes: list[str]) -> list[Variant]:
     """Every variant, in table order; missing optional libraries are noted, skipped."""
     pottery = optional_import("pottery", notes)
     redis_lock = optional_import("redis_lock", notes, package="python-redis-lock")
@@ -167,7 +167,7 @@ def _variants(nodes: Sequence[servers.RedisServer], cleanup: ExitStack, notes: l
     def one(family: str, label: str, op: Op) -> list[Variant]:
         return [Variant(key(family), label, family, 1, op)]
 
-    def each_count(family: str, label: str, build: Callable[[Sequence[servers.RedisServer]], Op]) -> list[Variant]:
+    def each_count(family: str, label: str, build: Callable[[Sequence[servers.RedisProcess]], Op]) -> list[Variant]:
         return [Variant(key(family, n), f"{label} ({n})", family, n, build(nodes[:n])) for n in NODE_COUNTS]
 
     variants = each_count("raw", "raw fan-out", lambda group: _raw_fan_out(group, cleanup))
@@ -187,7 +187,7 @@ def _name(family: str, nodes: int = 1) -> str:
     return f"bench:latency:{key(family, nodes)}"
 
 
-def _floor(node: servers.RedisServer) -> Op:
+def _floor(node: servers.RedisProcess) -> Op:
     client = node.client()
     sha = client.script_load(_COMPARE_AND_DELETE)
     name = _name("floor")
@@ -203,7 +203,7 @@ def _floor(node: servers.RedisServer) -> Op:
     return op
 
 
-def _ours(nodes: Sequence[servers.RedisServer], cleanup: ExitStack) -> Op:
+def _ours(nodes: Sequence[servers.RedisProcess], cleanup: ExitStack) -> Op:
     redlock = Redlock([node.url for node in nodes])
     cleanup.callback(redlock.close)
     name = _name("ours", len(nodes))
@@ -215,12 +215,12 @@ def _ours(nodes: Sequence[servers.RedisServer], cleanup: ExitStack) -> Op:
     return op
 
 
-def _redis_py(node: servers.RedisServer) -> Op:
+def _redis_py(node: servers.RedisProcess) -> Op:
     lock = node.client().lock(_name("redis-py"), timeout=TTL_SECONDS)
     return _acquire_release(lock)
 
 
-def _pottery(module: Any, nodes: Sequence[servers.RedisServer]) -> Op:
+def _pottery(module: Any, nodes: Sequence[servers.RedisProcess]) -> Op:
     lock = module.Redlock(
         key=_name("pottery", len(nodes)),
         masters={node.client() for node in nodes},
@@ -242,7 +242,7 @@ def _acquire_release(lock: Any) -> Op:
     return op
 
 
-def _raw_fan_out(nodes: Sequence[servers.RedisServer], cleanup: ExitStack) -> Op:
+def _raw_fan_out(nodes: Sequence[servers.RedisProcess], cleanup: ExitStack) -> Op:
     socks = []
     for node in nodes:
         sock = cleanup.enter_context(socket.create_connection((servers.HOST, node.port), timeout=1.0))

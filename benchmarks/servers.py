@@ -1,29 +1,21 @@
-"""Throwaway redis-server nodes for the benchmarks, from the tests' helper.
+"""Throwaway redis-server nodes for the benchmarks, from ``celery_dlock.testing``.
 
-The benchmarks reuse ``tests/redis_servers.py`` rather than a copy of it: the
-tests directory is put on ``sys.path`` and the module imported as the tests
-import it.  Nodes listen on free loopback ports, never on the system
-server's 6379.
+The nodes are :class:`celery_dlock.testing.redis_process.RedisProcess`, the
+package's own throwaway server (the one the tests and the pytest plugin run
+too).  They listen on free loopback ports, never on the system server's 6379.
 """
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from contextlib import ExitStack, contextmanager
 
-_TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
-if str(_TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(_TESTS_DIR))
-
-from redis_servers import HOST, RedisCluster, RedisServer, find_redis_server  # noqa: E402
+from celery_dlock.testing.redis_process import HOST, RedisProcess, find_redis_server
 
 __all__ = [
     "HOST",
-    "RedisCluster",
-    "RedisServer",
+    "RedisProcess",
     "nodes",
     "pids",
     "redis_server_binary",
@@ -35,16 +27,16 @@ SYSTEM_PORT = 6379
 
 
 @contextmanager
-def nodes(count: int) -> Iterator[RedisCluster]:
+def nodes(count: int) -> Iterator[list[RedisProcess]]:
     """Start ``count`` independent redis-servers; all are killed on exit."""
-    with RedisCluster() as cluster:
-        cluster.start(count)
+    with ExitStack() as stack:
+        cluster = [stack.enter_context(RedisProcess()) for _ in range(count)]
         if any(server.port == SYSTEM_PORT for server in cluster):
             raise RuntimeError(f"a benchmark node landed on port {SYSTEM_PORT}; run again")
         yield cluster
 
 
-def pids(cluster: RedisCluster) -> list[int]:
+def pids(cluster: list[RedisProcess]) -> list[int]:
     """The process ids of the running nodes of ``cluster``."""
     return [server.proc.pid for server in cluster if server.proc is not None]
 

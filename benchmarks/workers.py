@@ -1,8 +1,8 @@
 """Real ``celery worker`` runs for the worker benchmarks (drain, contention).
 
-The workers are the tests' :class:`celery_workers.CeleryWorker` (imported
-from ``tests/`` as :mod:`benchmarks.servers` imports ``redis_servers``),
-running :mod:`benchmarks.celery_app` with the prefork pool.  Each
+The workers are :class:`celery_dlock.testing.worker_process.WorkerProcess`
+(the one the tests' workers are built on too), running
+:mod:`benchmarks.celery_app` with the prefork pool.  Each
 :func:`drain` starts a fresh worker for one variant and measures it warm:
 
 1. start the worker consuming only the warm-up queue, and wait for its
@@ -31,18 +31,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import redis
+
+from celery_dlock.testing.worker_process import ENV_KEEP_LOGS, WorkerProcess
 
 from . import celery_app, servers
 from .celery_app import RUNS, WARM_QUEUE, WORK_QUEUE, Urls
 
-if TYPE_CHECKING:
-    from celery_workers import CeleryWorker  # on sys.path via servers
-
 __all__ = ["Drained", "Stack", "drain", "stack"]
 
+#: The repository, on the workers' import path for ``benchmarks.celery_app``.
+_REPO = Path(__file__).resolve().parent.parent
 #: The recorder is polled this often while a queue drains.
 POLL_SECONDS = 0.05
 #: Commands the benchmark itself sends to a server, left out of its counts.
@@ -58,9 +58,9 @@ class Stack:
 
     def __init__(
         self,
-        broker: servers.RedisServer,
-        locks: servers.RedisServer,
-        recorder: servers.RedisServer,
+        broker: servers.RedisProcess,
+        locks: servers.RedisProcess,
+        recorder: servers.RedisProcess,
     ) -> None:
         self.urls = Urls(broker.url, locks.url, recorder.url)
         #: The servers' process ids, by role.
@@ -84,7 +84,7 @@ class Stack:
             client.config_resetstat()
 
 
-def _pid(server: servers.RedisServer) -> int:
+def _pid(server: servers.RedisProcess) -> int:
     if server.proc is None:
         raise RuntimeError(f"{server!r} is not running")
     return server.proc.pid
@@ -150,21 +150,15 @@ def drain(
     Each message's body sleeps ``hold`` seconds.  Raises if the worker dies
     or the queue is not drained within ``timeout`` seconds.
     """
-    # Imported here: the helper is part of the tests, and only the worker
-    # scenarios need it.
-    from celery_workers import ENV_KEEP_LOGS, CeleryWorker
-
     stack.flush()
     urls = stack.urls
     app, task = celery_app.build(variant, urls)
-    worker = CeleryWorker(
-        broker_url=urls.broker,
-        lock_urls=[urls.locks],
-        recorder_url=urls.recorder,
+    worker = WorkerProcess(
+        "benchmarks.celery_app",
         concurrency=concurrency,
         queues=[WARM_QUEUE],
-        app_module="benchmarks.celery_app",
         env={celery_app.ENV_VARIANT: variant, celery_app.ENV_URLS: urls.encode()},
+        pythonpath=[_REPO],
         name=f"bench-{variant}-c{concurrency}",
     )
     runs = stack.recorder
@@ -212,7 +206,7 @@ def drain(
     )
 
 
-def _wait_for_runs(runs: redis.Redis, count: int, worker: CeleryWorker, *, timeout: float) -> None:
+def _wait_for_runs(runs: redis.Redis, count: int, worker: WorkerProcess, *, timeout: float) -> None:
     """Poll the recorder until ``count`` bodies have recorded themselves."""
     deadline = time.monotonic() + timeout
     while True:
