@@ -13,7 +13,7 @@ from celery import Celery
 from celery_dlock import ConfigurationError, SingleFlightTask, single_flight
 from celery_dlock.celery.keys import MAX_KEY_LENGTH, MAX_VALUE_LENGTH, KeySpec
 from celery_dlock.celery.options import SingleFlightOptions
-from celery_dlock.celery.settings import Settings
+from celery_dlock.celery.settings import Settings, lock_address
 
 
 def spec_for(function: Any, key: Any = None) -> KeySpec:
@@ -170,19 +170,43 @@ def app_with(**conf: Any) -> Celery:
     return app
 
 
-def test_defaults_and_redis_url_fallbacks() -> None:
-    settings = Settings.from_app(app_with())
-    assert settings.redis_url == ("redis://localhost:6379/0",)
+def test_defaults_and_the_derived_lock_address() -> None:
+    settings = Settings.from_app(app_with(broker_url="redis://b:1/2"))
+    assert settings.redis_url == ("redis://b:1/2",)
     assert settings.on_busy == "requeue" and settings.fail_mode == "closed"
-    assert Settings.from_app(app_with(broker_url="redis://b:1/2")).redis_url == ("redis://b:1/2",)
+    assert lock_address(app_with(broker_url="redis://b:1/2").conf) == (("redis://b:1/2",), "broker_url")
     fallback = app_with(broker_url="amqp://guest@localhost//", result_backend="redis://r:3/4")
     assert Settings.from_app(fallback).redis_url == ("redis://r:3/4",)
+    assert lock_address(fallback.conf) == (("redis://r:3/4",), "result_backend")
     assert Settings.from_app(app_with(dlock_redis_url=["redis://a:1", "redis://b:1", "redis://c:1"])).redis_url == (
         "redis://a:1",
         "redis://b:1",
         "redis://c:1",
     )
-    assert Settings.from_app(app_with(DLOCK_ON_BUSY="skip")).on_busy == "skip"
+    explicit = app_with(dlock_redis_url="unix:///tmp/r.sock", broker_url="redis://b:1/2")
+    assert lock_address(explicit.conf) == (("unix:///tmp/r.sock",), "dlock_redis_url")
+    assert Settings.from_app(app_with(DLOCK_ON_BUSY="skip", broker_url="rediss://b:1/5")).on_busy == "skip"
+
+
+@pytest.mark.parametrize(
+    ("conf", "shown"),
+    [
+        pytest.param({}, "broker_url is unset", id="nothing-set"),
+        pytest.param({"broker_url": "sentinel://s1:26379;sentinel://s2:26379"}, "sentinel://", id="sentinel-broker"),
+        pytest.param({"broker_url": "redis+socket:///tmp/redis.sock"}, "redis+socket://", id="socket-broker"),
+        pytest.param({"broker_url": "redis://h1:6379/10;redis://h2:6379/10"}, "h2:6379/10", id="failover-broker"),
+        pytest.param({"broker_url": ["redis://h1:6379/1", "redis://h2:6379/1"]}, "a list of URLs", id="broker-list"),
+        pytest.param({"broker_url": "amqp://guest@localhost//", "result_backend": "rpc://"}, "rpc://", id="amqp-rpc"),
+        pytest.param({"broker_url": "memory://"}, "result_backend=None", id="memory-no-backend"),
+        pytest.param({"broker_url": "redis://:hunter2@h:6379/0;redis://h2"}, "***", id="password-masked"),
+    ],
+)
+def test_a_lock_address_that_is_not_exact_is_refused_naming_dlock_redis_url(conf: dict[str, Any], shown: str) -> None:
+    with pytest.raises(ConfigurationError, match="dlock_redis_url is not set") as caught:
+        Settings.from_app(app_with(**conf))
+    assert shown in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    assert "localhost:6379/0" not in str(caught.value).split("such as")[0]
 
 
 @pytest.mark.parametrize(
