@@ -21,20 +21,19 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol, cast
-from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import ConnectionPool, SSLConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from .addresses import resolve
 from .resp import pack
 
-__all__ = ["NO_REPLY", "Node", "Readiness", "Reply", "fan_out", "mask_url", "parse_url"]
+__all__ = ["NO_REPLY", "Node", "Readiness", "Reply", "fan_out"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +97,19 @@ class Node:
     ``preload`` sources are loaded on every connection as it connects.
     """
 
-    def __init__(self, spec: str | redis.Redis, *, socket_timeout: float, preload: Sequence[str] = ()) -> None:
-        if isinstance(spec, redis.Redis):
-            pool = spec.connection_pool
-        elif isinstance(spec, str):
-            pool = parse_url(spec)
-        else:
-            raise TypeError(f"nodes: expected a Redis URL or a redis.Redis client, got {type(spec).__name__}")
+    def __init__(
+        self,
+        spec: str | redis.Redis,
+        *,
+        socket_timeout: float,
+        preload: Sequence[str] = (),
+        sentinel_master: str | None = None,
+        sentinel_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        address = resolve(
+            spec, socket_timeout=socket_timeout, sentinel_master=sentinel_master, sentinel_kwargs=sentinel_kwargs
+        )
+        pool = address.pool
         kwargs = dict(pool.connection_kwargs)
         kwargs.update(
             socket_timeout=socket_timeout,
@@ -121,8 +126,13 @@ class Node:
             kwargs.pop(name, None)
         self._connection_class = pool.connection_class
         self._connection_kwargs = kwargs
+        # A Sentinel pool's connections reach it through a weak reference.
+        self._pool = pool
         #: A printable name with no password, such as ``redis://127.0.0.1:6379/0``.
-        self.name = _describe(kwargs, pool.connection_class)
+        self.name = address.name
+        #: What makes two nodes the same server: the host and port, the socket
+        #: path, or the Sentinel-managed master.
+        self.identity = address.identity
         self._preload = b"".join(pack("SCRIPT", "LOAD", source) for source in preload)
         self._preloaded = len(preload)
         self._local = threading.local()
@@ -131,17 +141,6 @@ class Node:
 
     def __repr__(self) -> str:
         return f"<Node {self.name}>"
-
-    @property
-    def identity(self) -> tuple[str, ...]:
-        """What makes two nodes the same server: the host and port, or the socket path."""
-        kw = self._connection_kwargs
-        if "path" in kw:
-            return ("unix", os.path.realpath(kw["path"]))
-        host = str(kw.get("host", "localhost")).lower()
-        if host in ("localhost", "::1", "[::1]"):
-            host = "127.0.0.1"
-        return (host, str(kw.get("port", 6379)))
 
     def new_connection(self, *, handshake: bool = True) -> Connection:
         """A connection of our own to this node, connected unless ``handshake`` is false."""
@@ -370,32 +369,3 @@ class Readiness:
             return [fd for fd, _ in self._poller.poll(timeout * 1000)]
         readable, _, _ = select.select(list(self._fds), [], [], timeout)
         return readable
-
-
-def parse_url(url: str) -> ConnectionPool:
-    """A connection pool for ``url``; ``ValueError`` naming ``nodes`` if it is malformed."""
-    try:
-        parts = urlsplit(url)
-        if parts.scheme in ("redis", "rediss"):
-            parts.port  # noqa: B018 - raises ValueError on a malformed port
-            if not parts.hostname:
-                raise ValueError("no host")
-        return ConnectionPool.from_url(url)
-    except ValueError as exc:
-        raise ValueError(f"nodes: malformed Redis URL {mask_url(url)!r}: {exc}") from None
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password, if any, shown as ``***``."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
-
-
-def _describe(kwargs: dict[str, Any], connection_class: type) -> str:
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}"
-    scheme = "rediss" if issubclass(connection_class, SSLConnection) else "redis"
-    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

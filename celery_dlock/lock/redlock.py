@@ -58,7 +58,9 @@ class Redlock:
     Arguments:
         nodes: Redis URLs or :class:`redis.Redis` clients, one per independent
             master (not replicas of one another).  A single URL or client is
-            accepted as one node.
+            accepted as one node.  ``sentinel://h1:26379;sentinel://h2:26379/0``
+            is one master found through its Sentinels, and found again after
+            a failover.
         retry_count: When ``acquire`` blocks with no ``timeout``, how many
             times it retries after the first attempt.
         retry_delay: Seconds between attempts; a release on the key wakes a
@@ -75,6 +77,10 @@ class Redlock:
         extend_every: With auto-extension, renew once this share of the ttl
             has passed.
         watchdog: The renewal thread to use; by default the process's one.
+        sentinel_master: The master name the Sentinels of a ``sentinel://``
+            node watch.
+        sentinel_kwargs: Connection options for the Sentinels themselves,
+            such as their password.
 
     """
 
@@ -95,6 +101,8 @@ class Redlock:
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
         extend_every: float = 1 / 3,
         watchdog: Watchdog | None = None,
+        sentinel_master: str | None = None,
+        sentinel_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(nodes, (str, redis.Redis)):
             nodes = [nodes]
@@ -110,7 +118,16 @@ class Redlock:
         check_number("extend_every", extend_every, minimum=0, exclusive=True, below=1)
         check_text("key_prefix", key_prefix)
 
-        self.nodes = [Node(spec, socket_timeout=socket_timeout, preload=_PRELOAD) for spec in nodes]
+        self.nodes = [
+            Node(
+                spec,
+                socket_timeout=socket_timeout,
+                preload=_PRELOAD,
+                sentinel_master=sentinel_master,
+                sentinel_kwargs=sentinel_kwargs,
+            )
+            for spec in nodes
+        ]
         seen: dict[tuple[str, ...], Node] = {}
         for node in self.nodes:
             if node.identity in seen:
