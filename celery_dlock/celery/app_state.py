@@ -44,6 +44,8 @@ class AppLocks:
                         list(self.settings.redis_url),
                         key_prefix=self.settings.key_prefix,
                         socket_timeout=self.settings.socket_timeout,
+                        sentinel_master=self.settings.sentinel_master,
+                        sentinel_kwargs=self.settings.sentinel_kwargs,
                     )
         return self._redlock
 

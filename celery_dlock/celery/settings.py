@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Final
 
+from ..lock.addresses import mask_url, parse_url
 from ..lock.errors import ConfigurationError
 from ..lock.keyspace import DEFAULT_PREFIX
-from ..lock.nodes import mask_url, parse_url
 from ..lock.validation import check_choice, check_int, check_number, check_text
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "FAIL_MODES",
     "QUEUE_FULL",
     "WAIT_FALLBACKS",
+    "LockAddress",
     "Settings",
     "broker_visibility_timeout",
     "checked",
@@ -90,6 +91,11 @@ class Settings:
     #: The most two beats' clocks may differ, in seconds, for each due run to
     #: still be published once (see :mod:`celery_dlock.beat`).
     beat_max_skew: float = 60.0
+    #: The master name for ``sentinel://`` lock URLs (Celery's ``master_name``).
+    sentinel_master: str | None = None
+    #: Options of ``sentinel://`` lock URLs, named as in Celery's
+    #: ``broker_transport_options``: ``master_name``, ``sentinel_kwargs``.
+    transport_options: dict[str, Any] | None = None
 
     PREFIX: ClassVar[str] = "dlock_"
 
@@ -113,10 +119,19 @@ class Settings:
             if value is not None:
                 values[field.name] = value
         settings = cls.from_mapping(values)
-        if not settings.redis_url:
-            urls, _ = lock_address(conf)
-            settings = replace(settings, redis_url=urls)
+        address = lock_address(conf)
+        settings = replace(settings, redis_url=address.urls, sentinel_master=address.sentinel_master)
+        if address.sentinel_kwargs:
+            settings = replace(
+                settings,
+                transport_options={**(settings.transport_options or {}), "sentinel_kwargs": address.sentinel_kwargs},
+            )
         return settings
+
+    @property
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """Connection options for the Sentinels of ``sentinel://`` lock URLs."""
+        return dict((self.transport_options or {}).get("sentinel_kwargs") or {})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
@@ -172,26 +187,45 @@ def _keys(conf: Any) -> list[str]:
         return []
 
 
-def lock_address(conf: Any) -> tuple[tuple[str, ...], str]:
+@dataclass(frozen=True)
+class LockAddress:
+    """Where the locks live (:func:`lock_address`)."""
+
+    #: The lock nodes' URLs.
+    urls: tuple[str, ...]
+    #: The setting they came from: ``dlock_redis_url``, ``broker_url`` or ``result_backend``.
+    source: str
+    #: The Sentinel master name, for ``sentinel://`` URLs.
+    sentinel_master: str | None = None
+    #: The Sentinels' own connection options, for ``sentinel://`` URLs.
+    sentinel_kwargs: dict[str, Any] | None = None
+
+
+def lock_address(conf: Any) -> LockAddress:
     """Where the locks live, and the setting that says so.
 
     ``dlock_redis_url`` if set; else ``broker_url``, then ``result_backend``,
     where one names exactly one Redis server (``redis://``, ``rediss://`` or
-    ``unix://``, with its db number).  Anything else is refused with a
-    :class:`ConfigurationError` naming ``dlock_redis_url``, because a guess
-    (say, ``localhost``) would give each host its own locks and no exclusion
-    between hosts at all.
+    ``unix://``, with its db number) or one Sentinel-managed master
+    (``sentinel://``, with ``master_name`` from the matching
+    ``*_transport_options``, as Celery reads it).  Anything else is refused
+    with a :class:`ConfigurationError` naming ``dlock_redis_url``, because a
+    guess (say, ``localhost``) would give each host its own locks and no
+    exclusion between hosts at all.
     """
     explicit = _lookup(conf, "dlock_redis_url")
     if explicit is not None:
-        return check_redis_url("dlock_redis_url", explicit), "dlock_redis_url"
+        urls = check_redis_url("dlock_redis_url", explicit)
+        options = _lookup(conf, "dlock_transport_options") or {}
+        master = _lookup(conf, "dlock_sentinel_master") or options.get("master_name")
+        return _with_master(LockAddress(urls, "dlock_redis_url", master), "dlock_sentinel_master")
     broker = _lookup(conf, "broker_url")
-    if _exact_redis(broker):
-        return (broker,), "broker_url"
+    if _exact_redis(broker) or _is_sentinel(broker):
+        return _derived(conf, broker, "broker_url", "broker_transport_options")
     if broker is not None and not _is_redis_family(broker):
         backend = _lookup(conf, "result_backend")
-        if _exact_redis(backend):
-            return (backend,), "result_backend"
+        if _exact_redis(backend) or _is_sentinel(backend):
+            return _derived(conf, backend, "result_backend", "result_backend_transport_options")
         found = f"broker_url={_masked(broker)} and result_backend={_masked(backend)}"
     elif broker is None:
         found = "broker_url is unset (Celery's default is AMQP on localhost)"
@@ -204,12 +238,32 @@ def lock_address(conf: Any) -> tuple[tuple[str, ...], str]:
     )
 
 
+def _derived(conf: Any, url: str, source: str, options_name: str) -> LockAddress:
+    options = _lookup(conf, options_name) or {}
+    kwargs = options.get("sentinel_kwargs")
+    address = LockAddress((url,), source, options.get("master_name"), dict(kwargs) if kwargs else None)
+    return _with_master(address, f"{options_name}['master_name']")
+
+
+def _with_master(address: LockAddress, setting: str) -> LockAddress:
+    if any(_is_sentinel(url) for url in address.urls) and not address.sentinel_master:
+        raise ConfigurationError(
+            f"{setting} is not set: the lock URL from {address.source} names Sentinels, "
+            "and they must be told which master to find (set dlock_sentinel_master)"
+        )
+    return address
+
+
+def _is_sentinel(url: Any) -> bool:
+    return isinstance(url, str) and all(part.strip().startswith("sentinel://") for part in url.split(";"))
+
+
 def _exact_redis(url: Any) -> bool:
     return isinstance(url, str) and ";" not in url and url.split("://", 1)[0] in REDIS_SCHEMES
 
 
 def _is_redis_family(url: Any) -> bool:
-    """A Redis broker URL of a kind that does not name one server: a list, a failover, Sentinel, a socket."""
+    """A Redis broker URL of a kind that does not name one server: a list, a failover, a socket."""
     if not isinstance(url, str):
         return True
     schemes = {part.split("://", 1)[0] for part in url.split(";")}
@@ -236,13 +290,15 @@ def broker_visibility_timeout(conf: Any) -> float | None:
 
 
 def check_redis_url(name: str, value: Any) -> tuple[str, ...]:
-    """One URL or a non-empty list of them, each ``redis://``, ``rediss://`` or ``unix://``."""
+    """One URL or a non-empty list of them: ``redis://``, ``rediss://``, ``unix://`` or ``sentinel://``."""
     urls = [value] if isinstance(value, str) else value
     if not isinstance(urls, (list, tuple)) or not urls:
         raise ConfigurationError(f"{name}: expected a Redis URL or a non-empty list of them, got {value!r}")
     for url in urls:
-        if not isinstance(url, str) or url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
-            raise ConfigurationError(f"{name}: {url!r} is not a redis://, rediss:// or unix:// URL")
+        if _is_sentinel(url):
+            continue  # parsed when the node is made, once its master name is known
+        if not isinstance(url, str) or url.split("://", 1)[0] not in REDIS_SCHEMES:
+            raise ConfigurationError(f"{name}: {url!r} is not a redis://, rediss://, unix:// or sentinel:// URL")
         try:
             parse_url(url)
         except ValueError as exc:
@@ -266,6 +322,18 @@ def _count(name: str, value: Any) -> int:
     return check_int(name, value, minimum=0)
 
 
+def _name(name: str, value: Any) -> str:
+    if not check_text(name, value):
+        raise ValueError(f"{name}: must not be empty")
+    return str(value)
+
+
+def _options(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name}: expected a dict of options, got {type(value).__name__}")
+    return dict(value)
+
+
 #: One check for each setting and task option, by its short name.
 CHECKS: Final[Mapping[str, Check]] = {
     "redis_url": check_redis_url,
@@ -286,6 +354,8 @@ CHECKS: Final[Mapping[str, Check]] = {
     "beat_max_skew": _seconds,
     "max_hold": _positive,
     "hold": _positive,
+    "sentinel_master": _name,
+    "transport_options": _options,
 }
 
 

@@ -91,8 +91,7 @@ def diagnose(app: Celery, *, timeout: float = OPERATOR_TIMEOUT) -> list[Check]:
         return [Check("settings", Verdict.FAIL, str(exc))]
     policies = _policies(app, locks)
     longest = max([locks.settings.default_ttl, *(lease(policy) for policy in policies.values())])
-    _, source = lock_address(app.conf)
-    checks = [check_settings(locks.settings, source), *check_unknown_settings(app.conf)]
+    checks = [check_settings(locks.settings, lock_address(app.conf).source), *check_unknown_settings(app.conf)]
     with connected(locks, timeout) as clients:
         for name, client in clients:
             checks.extend(check_node(name, client, locks.settings, longest))

@@ -13,7 +13,7 @@ from celery import Celery
 from celery_dlock import ConfigurationError, SingleFlightTask, single_flight
 from celery_dlock.celery.keys import MAX_KEY_LENGTH, MAX_VALUE_LENGTH, KeySpec
 from celery_dlock.celery.options import SingleFlightOptions
-from celery_dlock.celery.settings import Settings, lock_address
+from celery_dlock.celery.settings import LockAddress, Settings, lock_address
 
 
 def spec_for(function: Any, key: Any = None) -> KeySpec:
@@ -174,25 +174,47 @@ def test_defaults_and_the_derived_lock_address() -> None:
     settings = Settings.from_app(app_with(broker_url="redis://b:1/2"))
     assert settings.redis_url == ("redis://b:1/2",)
     assert settings.on_busy == "requeue" and settings.fail_mode == "closed"
-    assert lock_address(app_with(broker_url="redis://b:1/2").conf) == (("redis://b:1/2",), "broker_url")
+    assert lock_address(app_with(broker_url="redis://b:1/2").conf) == LockAddress(("redis://b:1/2",), "broker_url")
     fallback = app_with(broker_url="amqp://guest@localhost//", result_backend="redis://r:3/4")
     assert Settings.from_app(fallback).redis_url == ("redis://r:3/4",)
-    assert lock_address(fallback.conf) == (("redis://r:3/4",), "result_backend")
+    assert lock_address(fallback.conf) == LockAddress(("redis://r:3/4",), "result_backend")
     assert Settings.from_app(app_with(dlock_redis_url=["redis://a:1", "redis://b:1", "redis://c:1"])).redis_url == (
         "redis://a:1",
         "redis://b:1",
         "redis://c:1",
     )
     explicit = app_with(dlock_redis_url="unix:///tmp/r.sock", broker_url="redis://b:1/2")
-    assert lock_address(explicit.conf) == (("unix:///tmp/r.sock",), "dlock_redis_url")
+    assert lock_address(explicit.conf) == LockAddress(("unix:///tmp/r.sock",), "dlock_redis_url")
+    sentinel = app_with(
+        broker_url="sentinel://s1:26379;sentinel://s2:26379/3",
+        broker_transport_options={"master_name": "m1", "sentinel_kwargs": {"password": "x"}},
+    )
+    assert lock_address(sentinel.conf) == LockAddress(
+        ("sentinel://s1:26379;sentinel://s2:26379/3",), "broker_url", "m1", {"password": "x"}
+    )
+    named = app_with(dlock_redis_url="sentinel://s1:26379", dlock_sentinel_master="m2")
+    assert Settings.from_app(named).sentinel_master == "m2"
     assert Settings.from_app(app_with(DLOCK_ON_BUSY="skip", broker_url="rediss://b:1/5")).on_busy == "skip"
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"broker_url": "sentinel://s1:26379;sentinel://s2:26379"},
+        {"dlock_redis_url": "sentinel://s1:26379"},
+        {"broker_url": "amqp://", "result_backend": "sentinel://s1:26379"},
+    ],
+)
+def test_a_sentinel_lock_url_without_its_master_name_is_refused(conf: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match=r"master_name|dlock_sentinel_master"):
+        Settings.from_app(app_with(**conf))
 
 
 @pytest.mark.parametrize(
     ("conf", "shown"),
     [
         pytest.param({}, "broker_url is unset", id="nothing-set"),
-        pytest.param({"broker_url": "sentinel://s1:26379;sentinel://s2:26379"}, "sentinel://", id="sentinel-broker"),
+        pytest.param({"broker_url": "redis://h1:6379/0;sentinel://s2:26379"}, "sentinel://", id="mixed-failover"),
         pytest.param({"broker_url": "redis+socket:///tmp/redis.sock"}, "redis+socket://", id="socket-broker"),
         pytest.param({"broker_url": "redis://h1:6379/10;redis://h2:6379/10"}, "h2:6379/10", id="failover-broker"),
         pytest.param({"broker_url": ["redis://h1:6379/1", "redis://h2:6379/1"]}, "a list of URLs", id="broker-list"),

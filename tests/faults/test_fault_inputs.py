@@ -41,19 +41,21 @@ def app_with(**conf: Any) -> Celery:
 
 # -- settings: every one, with a value of the wrong type ------------------------------------
 
-#: Wrong values by the type of the setting's default.
-_WRONG: dict[type, list[Any]] = {
+#: Wrong values by the type of the setting's default, or by name where it defaults to None.
+_WRONG: dict[type | str, list[Any]] = {
     tuple: [6379, b"redis://127.0.0.1:6379/0", [6379], {"url": "redis://x"}],
     str: [3, b"bytes", ["requeue"], True],
     float: ["30", True, float("nan"), float("-inf"), [1.0], -1.0],
     int: [1.5, "3", True, -1, [1]],
+    "sentinel_master": [3, b"mymaster", ["mymaster"], True, ""],
+    "transport_options": ["master_name=m", 3, [("master_name", "m")], True],
 }
 
 
 def _wrong_values() -> Iterator[Any]:
     for field in dataclasses.fields(Settings):
         name = Settings.PREFIX + field.name
-        for value in _WRONG[type(field.default)]:
+        for value in _WRONG[field.name if field.default is None else type(field.default)]:
             if field.name == "beat_max_skew" and value == -1.0:
                 continue
             yield pytest.param(name, value, id=f"{name}={value!r}")
