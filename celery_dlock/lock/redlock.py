@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import secrets
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,7 +37,7 @@ from .quorum import Quorum
 from .resp import pack
 from .script import Granted, Held
 from .validation import check_acquire_options, check_int, check_key, check_number, check_text, check_ttl
-from .waiting import ReleaseWaiter
+from .waiting import ReleaseWaiter, Retries
 from .watchdog import Watchdog, default_watchdog
 
 __all__ = ["Lock", "LostCallback", "Redlock"]
@@ -200,56 +199,29 @@ class Redlock:
 
         owner = owner_prefix + secrets.token_hex(16)
         meta = holder_metadata(label, details)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempts = 0
-        waiter: ReleaseWaiter | None = None
-        try:
-            while True:
-                attempts += 1
-                outcome = self.attempt(key, owner, ttl, meta, attempts, count_as)
-                if isinstance(outcome, tuple):
-                    token, valid_until = outcome
-                    watchdog = self.watchdog if auto_extend else None
-                    lock = Lock(
-                        self,
-                        key,
-                        owner,
-                        token,
-                        ttl,
-                        valid_until,
-                        label=label,
-                        on_lost=on_lost,
-                        max_hold=max_hold,
-                        count_as=count_as,
-                        watchdog=watchdog,
-                    )
-                    if watchdog is not None:
-                        watchdog.watch(lock, self.extend_every)
-                    fault_point("after-acquire")
-                    return lock
-                now = time.monotonic()
-                out_of_time = now >= deadline if deadline is not None else attempts > self.retry_count
-                if not blocking or out_of_time:
-                    raise outcome
-                delay = self.retry_delay + random.uniform(0, self.retry_jitter)
-                if deadline is not None:
-                    delay = min(delay, deadline - now)
-                if isinstance(outcome, LockBusy):
-                    if waiter is None:
-                        # Listen first, then look again, so a release between
-                        # the attempt and the subscription is not missed.
-                        waiter = ReleaseWaiter.subscribe(self.nodes, self.keyspace.released(key))
-                        if waiter is not None:
-                            continue
-                    if outcome.retry_after is not None:
-                        delay = min(delay, outcome.retry_after)
-                if waiter is not None:
-                    waiter.wait(delay)
-                else:
-                    time.sleep(delay)
-        finally:
-            if waiter is not None:
-                waiter.close()
+        retries = Retries(self.retry_count, self.retry_delay, self.retry_jitter, timeout=timeout, blocking=blocking)
+        token, valid_until = retries.run(
+            lambda attempts: self.attempt(key, owner, ttl, meta, attempts, count_as),
+            lambda: ReleaseWaiter.subscribe(self.nodes, self.keyspace.released(key)),
+        )
+        watchdog = self.watchdog if auto_extend else None
+        lock = Lock(
+            self,
+            key,
+            owner,
+            token,
+            ttl,
+            valid_until,
+            label=label,
+            on_lost=on_lost,
+            max_hold=max_hold,
+            count_as=count_as,
+            watchdog=watchdog,
+        )
+        if watchdog is not None:
+            watchdog.watch(lock, self.extend_every)
+        fault_point("after-acquire")
+        return lock
 
     @contextmanager
     def lock(
