@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 from support.redis_servers import ClusterFactory, RedisCluster, RedisServer
+from support.sentinel import SentinelTopology
 
 # celery.contrib.pytest provides the in-process celery_app/celery_worker
 # fixtures.  pytest-celery 1.x defines Docker-backed fixtures with the same
@@ -104,3 +105,18 @@ def celery_worker_pool() -> str:
 def celery_worker_parameters() -> dict[str, object]:
     """Four threads; no ping task, since the test app does not register it."""
     return {"concurrency": 4, "perform_ping_check": False}
+
+
+# -- Redis Sentinel: a master, its replica and three Sentinels ------------------
+
+
+@pytest.fixture
+def sentinel_topology() -> Iterator[SentinelTopology]:
+    """A fresh Sentinel-managed master with one replica and three Sentinels (quorum 2), all on loopback.
+
+    ``sentinel_topology.url`` and ``.master_name`` are what ``Redlock`` and
+    Celery take; ``.failover()`` runs ``SENTINEL FAILOVER`` (see
+    :mod:`support.sentinel`).  About a tenth of a second to start.
+    """
+    with SentinelTopology() as topology:
+        yield topology

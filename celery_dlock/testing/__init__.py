@@ -4,7 +4,9 @@
   assertions), loaded through the ``pytest11`` entry point;
 * :mod:`~celery_dlock.testing.redis_process`: throwaway ``redis-server`` processes;
 * :mod:`~celery_dlock.testing.worker_process`: real ``celery worker`` processes;
-* :mod:`~celery_dlock.testing.process`: the launcher both are built on, which
+* :mod:`~celery_dlock.testing.sentinel_process`: a Redis Sentinel deployment
+  (a master, its replica, three Sentinels) and ``SENTINEL FAILOVER``;
+* :mod:`~celery_dlock.testing.process`: the launcher they are all built on, which
   kills whatever is left when the interpreter exits;
 * :mod:`~celery_dlock.testing.intervals`: whether recorded runs overlapped,
   and whether their fencing tokens rose;
