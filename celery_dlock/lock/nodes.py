@@ -26,9 +26,11 @@ from typing import Any, Final, Protocol, cast
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import ConnectionPool
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+from redis.sentinel import SentinelConnectionPool
 
 from .addresses import resolve
 from .resp import pack
@@ -141,6 +143,25 @@ class Node:
 
     def __repr__(self) -> str:
         return f"<Node {self.name}>"
+
+    def client(self, timeout: float) -> redis.Redis:
+        """A redis-py client of this node, for operators; the caller closes it.
+
+        Its connections are made as the lock's own are (the same class and
+        settings: to a Sentinel-managed master, connections that ask the
+        Sentinels), in a pool of its own, with socket timeouts of
+        ``timeout`` seconds and no retries.
+        """
+        kwargs = {**self._connection_kwargs, "socket_timeout": timeout, "socket_connect_timeout": timeout}
+        kwargs.pop("connection_pool", None)  # a Sentinel connection's way back to its pool: the new pool sets its own
+        pool: ConnectionPool
+        if isinstance(self._pool, SentinelConnectionPool):
+            pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+                self._pool.service_name, self._pool.sentinel_manager, connection_class=self._connection_class, **kwargs
+            )
+        else:
+            pool = ConnectionPool(connection_class=self._connection_class, **kwargs)
+        return redis.Redis(connection_pool=pool)
 
     def new_connection(self, *, handshake: bool = True) -> Connection:
         """A connection of our own to this node, connected unless ``handshake`` is false."""

@@ -21,9 +21,7 @@ from typing import Any, Final
 
 import redis
 from celery import Celery
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from ..celery.app_state import AppLocks, locks_for
 from ..celery.handoffs import hand_on_stranded
@@ -207,19 +205,14 @@ def _task_of(payload: bytes | str | None) -> str | None:
 
 @contextmanager
 def connected(locks: AppLocks, timeout: float) -> Iterator[list[tuple[str, redis.Redis]]]:
-    """One plain client per node, named without its password, closed on exit.
+    """One client per node, named without its password, closed on exit.
 
-    They fail fast, with no retries, like the lock's own connections.
+    Each is made from the node's own connection settings (see
+    :meth:`~celery_dlock.lock.nodes.Node.client`), so a Sentinel-managed
+    master is found through its Sentinels; they fail fast, with no retries,
+    like the lock's own connections.
     """
-    clients = [
-        (
-            node.name,
-            redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
-            ),
-        )
-        for node, url in zip(locks.redlock.nodes, locks.settings.redis_url, strict=True)
-    ]
+    clients = [(node.name, node.client(timeout)) for node in locks.redlock.nodes]
     try:
         yield clients
     finally:
