@@ -1,7 +1,7 @@
 """Health checks behind ``celery dlock doctor``.
 
 :func:`diagnose` runs them all: the settings, then for every node its
-reachability, persistence and eviction policy, then every single-flight
+reachability, topology, persistence and eviction policy, then every single-flight
 task's settings against the rules of :mod:`celery_dlock.celery.checks`.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 import redis
 from celery import Celery
 from redis.exceptions import RedisError
+from redis.sentinel import SentinelConnectionPool
 
 from ..celery.app_state import AppLocks, locks_for
 from ..celery.checks import lease, task_problems
@@ -33,6 +34,7 @@ __all__ = [
     "check_settings",
     "check_task",
     "check_tasks",
+    "check_topology",
     "check_unknown_settings",
     "diagnose",
     "worst",
@@ -54,7 +56,7 @@ class Verdict(str, Enum):
 class Check:
     """The outcome of one health check."""
 
-    #: What was checked: ``settings``, ``node``, ``persistence``,
+    #: What was checked: ``settings``, ``node``, ``topology``, ``persistence``,
     #: ``eviction`` or ``task``.
     name: str
     verdict: Verdict
@@ -132,7 +134,7 @@ def check_unknown_settings(conf: Any) -> list[Check]:
 
 
 def check_node(name: str, client: redis.Redis, settings: Settings, longest_lease: float) -> list[Check]:
-    """Reachability, then persistence and eviction policy, of one node."""
+    """Reachability, then topology, persistence and eviction policy, of one node."""
     try:
         client.ping()  # connects
         started = time.monotonic()
@@ -152,7 +154,41 @@ def check_node(name: str, client: redis.Redis, settings: Settings, longest_lease
         )
     else:
         reach = Check("node", Verdict.OK, reachable, name)
-    return [reach, check_persistence(name, client, longest_lease), check_eviction(name, client)]
+    return [
+        reach,
+        check_topology(name, client),
+        check_persistence(name, client, longest_lease),
+        check_eviction(name, client),
+    ]
+
+
+def check_topology(name: str, client: redis.Redis) -> Check:
+    """What the node is: a standalone master (OK), a Sentinel-managed one (WARN), or a replica (FAIL).
+
+    ``ROLE`` tells a master from a replica and counts the replicas; the
+    client's Sentinel pool, if it has one, names the master and where the
+    Sentinels say it is.
+    """
+    try:
+        role = client.execute_command("ROLE")  # type: ignore[no-untyped-call]
+        sentinel = _sentinel_master(client)
+    except RedisError as exc:
+        return Check("topology", Verdict.WARN, f"cannot read ROLE ({exc}); check it by hand", name)
+    if _text(role[0]) != "master":
+        where = f"{_text(role[1])}:{role[2]}" if len(role) > 2 else "?"
+        return Check("topology", Verdict.FAIL, f"a replica of {where}: it refuses the lock's writes", name)
+    replicas = f"{len(role[2])} replica(s)"
+    if sentinel is None:
+        return Check("topology", Verdict.OK, f"standalone master with {replicas}", name)
+    master, address = sentinel
+    return Check(
+        "topology",
+        Verdict.WARN,
+        f"Sentinel master {master} at {address} with {replicas}: replication is asynchronous, so a "
+        "failover can forget a granted lock and grant it again, with a token no higher (see "
+        "docs/guarantees.md, 'no node forgets a lock')",
+        name,
+    )
 
 
 def check_persistence(name: str, client: redis.Redis, longest_lease: float) -> Check:
@@ -230,9 +266,21 @@ def _policies(app: Celery, locks: AppLocks) -> dict[str, Policy]:
     return policies
 
 
+def _sentinel_master(client: redis.Redis) -> tuple[str, str] | None:
+    """The master's name and ``host:port`` for a client of a Sentinel-managed master, else ``None``."""
+    pool = client.connection_pool
+    if not isinstance(pool, SentinelConnectionPool):
+        return None
+    host, port = pool.get_master_address()  # type: ignore[no-untyped-call]
+    return str(pool.service_name), f"{_text(host)}:{port}"
+
+
 def _config(client: redis.Redis, param: str) -> str:
     # One parameter per CONFIG GET: Redis before 7 takes only one.
-    value = next(iter(client.config_get(param).values()), "?")
+    return _text(next(iter(client.config_get(param).values()), "?"))
+
+
+def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

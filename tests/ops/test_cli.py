@@ -256,15 +256,17 @@ def test_doctor_ok_on_a_good_node(durable_server: RedisServer, redis_server: Red
     assert verdicts(result.output) == [
         ("OK", "settings"),
         ("OK", "node"),
+        ("OK", "topology"),
         ("OK", "persistence"),
         ("OK", "eviction"),
         ("OK", "task"),
     ]
+    assert f"{durable_server.url}: standalone master with 0 replica(s)" in result.output
     assert "appendonly=yes appendfsync=always" in result.output
     assert "proj.charge: on_busy=requeue ttl=20s requeue_max_delay=60s visibility_timeout=3600s" in result.output
-    assert result.output.endswith("5 ok, 0 warning(s), 0 failure(s)\n")
+    assert result.output.endswith("6 ok, 0 warning(s), 0 failure(s)\n")
     report = json.loads(run(app, "doctor", "--json").output)
-    assert report["verdict"] == "OK" and len(report["checks"]) == 5
+    assert report["verdict"] == "OK" and len(report["checks"]) == 6
 
 
 def test_doctor_warns_when_appendfsync_is_not_always(redis_server: RedisServer) -> None:
@@ -280,6 +282,7 @@ def test_doctor_fails_on_eviction_and_an_unreachable_node(redis_nodes) -> None:
     assert verdicts(result.output) == [
         ("WARN", "settings"),
         ("OK", "node"),
+        ("OK", "topology"),
         ("WARN", "persistence"),
         ("FAIL", "eviction"),
         ("FAIL", "node"),
