@@ -2,11 +2,11 @@
 
 One operation is an acquire and a release of a key nobody else wants.  It is
 timed for our :class:`~celery_dlock.lock.redlock.Redlock` on 1, 3 and 5 nodes and
-for the locks people would use instead, against two references: the *floor*,
-the least a correct single-node lock can send (``SET NX PX`` then a
-compare-and-delete script), and a *raw fan-out* of two PING round trips over
-the same nodes, the cost of two round trips to N servers on this machine
-whatever the client does.
+on one Sentinel-managed master, and for the locks people would use instead,
+against two references: the *floor*, the least a correct single-node lock
+can send (``SET NX PX`` then a compare-and-delete script), and a *raw
+fan-out* of two PING round trips over the same nodes, the cost of two round
+trips to N servers on this machine whatever the client does.
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ default 0.25 s.  The 1- and 3-node variants use the first nodes of the 5.
   script, with a plain redis-py client and a fresh random token: 2 round trips.
 * **ours**: ``Redlock(urls).acquire(key, ttl, blocking=False)`` then
   ``Lock.release()``: 2 fan-outs, each sent to every node before any reply is read.
+* **ours via Sentinel**: the same on one ``sentinel://`` node, a master with
+  one replica and three Sentinels.  The Sentinels are asked where the master
+  is when a connection is made, not per operation; the master also streams
+  every write to its replica.
 * **redis-py Lock**: ``client.lock(name, timeout=ttl)``: 2 round trips.
 * **python-redis-lock**: ``redis_lock.Lock(client, name, expire=ttl)``: 3 round
   trips (its acquire first reads the key to refuse re-acquiring a held lock).
@@ -86,6 +90,7 @@ def key(family: str, nodes: int = 1) -> str:
 
 RATIOS = [
     Ratio("ours(1) / floor", key("ours"), key("floor")),
+    Ratio("ours via Sentinel / ours(1)", key("ours-sentinel"), key("ours")),
     Ratio("ours(3) / ours(1)", key("ours", 3), key("ours")),
     Ratio("ours(5) / ours(1)", key("ours", 5), key("ours")),
     Ratio("raw(3) / raw(1)", key("raw", 3), key("raw")),
@@ -128,9 +133,9 @@ def run(options: RunOptions) -> ScenarioResult:
     """Start the nodes, time every variant, and summarize."""
     schedule = QUICK if options.quick else FULL
     notes: list[str] = []
-    with servers.nodes(max(NODE_COUNTS)) as cluster, ExitStack() as cleanup:
-        variants = _variants(list(cluster), cleanup, notes)
-        with cpus.pinned(options.layout, servers.pids(cluster)):
+    with servers.nodes(max(NODE_COUNTS)) as cluster, servers.SentinelTopology() as sentinel, ExitStack() as cleanup:
+        variants = _variants(list(cluster), sentinel, cleanup, notes)
+        with cpus.pinned(options.layout, servers.pids([*cluster, sentinel.master])):
             timings = run_interleaved(variants, schedule, options.rng())
     result = build_result(
         scenario=SCENARIO,
@@ -159,7 +164,9 @@ SCENARIO = Scenario(name="latency", title="Scenario 1: uncontended lock latency"
 # -- the variants ---------------------------------------------------------------
 
 
-def _variants(nodes: Sequence[servers.RedisProcess], cleanup: ExitStack, notes: list[str]) -> list[Variant]:
+def _variants(
+    nodes: Sequence[servers.RedisProcess], sentinel: servers.SentinelTopology, cleanup: ExitStack, notes: list[str]
+) -> list[Variant]:
     """Every variant, in table order; missing optional libraries are noted, skipped."""
     pottery = optional_import("pottery", notes)
     redis_lock = optional_import("redis_lock", notes, package="python-redis-lock")
@@ -173,6 +180,7 @@ def _variants(nodes: Sequence[servers.RedisProcess], cleanup: ExitStack, notes: 
     variants = each_count("raw", "raw fan-out", lambda group: _raw_fan_out(group, cleanup))
     variants += one("floor", "floor: SET NX + EVALSHA", _floor(nodes[0]))
     variants += each_count("ours", "ours", lambda group: _ours(group, cleanup))
+    variants += one("ours-sentinel", "ours via Sentinel", _ours_sentinel(sentinel, cleanup))
     variants += one("redis-py", "redis-py Lock", _redis_py(nodes[0]))
     if redis_lock is not None:
         lock = redis_lock.Lock(nodes[0].client(), _name("python-redis-lock"), expire=TTL_SECONDS)
@@ -204,9 +212,16 @@ def _floor(node: servers.RedisProcess) -> Op:
 
 
 def _ours(nodes: Sequence[servers.RedisProcess], cleanup: ExitStack) -> Op:
-    redlock = Redlock([node.url for node in nodes])
+    return _acquire_release_ours(Redlock([node.url for node in nodes]), _name("ours", len(nodes)), cleanup)
+
+
+def _ours_sentinel(topology: servers.SentinelTopology, cleanup: ExitStack) -> Op:
+    redlock = Redlock(topology.url, sentinel_master=topology.master_name)
+    return _acquire_release_ours(redlock, _name("ours-sentinel"), cleanup)
+
+
+def _acquire_release_ours(redlock: Redlock, name: str, cleanup: ExitStack) -> Op:
     cleanup.callback(redlock.close)
-    name = _name("ours", len(nodes))
 
     def op() -> None:
         if not redlock.acquire(name, TTL_SECONDS, blocking=False).release():

@@ -2,7 +2,9 @@
 
 The nodes are :class:`celery_dlock.testing.redis_process.RedisProcess`, the
 package's own throwaway server (the one the tests and the pytest plugin run
-too).  They listen on free loopback ports, never on the system server's 6379.
+too), and a Sentinel-managed master is a
+:class:`celery_dlock.testing.sentinel_process.SentinelTopology`.  They listen
+on free loopback ports, never on the system server's 6379.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from celery_dlock.testing.redis_process import HOST, RedisProcess, find_redis_server
+from celery_dlock.testing.sentinel_process import SentinelTopology
 
 __all__ = [
     "HOST",
     "RedisProcess",
+    "SentinelTopology",
     "nodes",
     "pids",
     "redis_server_binary",
