@@ -161,6 +161,8 @@ def test_sentinel_failover_under_a_loop_of_holders(sentinel_topology: SentinelTo
         gaps = [(later - earlier) / 1e9 for earlier, later in itertools.pairwise(entries) if later > started]
         longest_gap = max(gaps)
         after_switch = [entry for entry in history.entered if entry["enter"] > settled]
+        before_switch = [entry["token"] for entry in history.entered if entry["enter"] < settled]
+        fell_back = max(before_switch) - min(entry["token"] for entry in after_switch)
         accepted = [
             Section(s["key"], s["token"], s["enter"], s["exit"])
             for s in history.sections
@@ -169,8 +171,8 @@ def test_sentinel_failover_under_a_loop_of_holders(sentinel_topology: SentinelTo
         print(
             f"\nSentinel failover: switched in {switch:.2f}s, old master demoted {(settled - started) / 1e9:.2f}s "
             f"after SENTINEL FAILOVER; longest gap between sections {longest_gap * 1000:.0f} ms "
-            f"(bound {AVAILABILITY_BOUND:g}s); {verdict.summary()}; probe token {probe.token}, "
-            f"granted again after the demotion with token {twice.token}"
+            f"(bound {AVAILABILITY_BOUND:g}s); {verdict.summary()}; tokens fell back by {fell_back} at the "
+            f"demotion; probe token {probe.token}, granted again after the demotion with token {twice.token}"
         )
         assert longest_gap <= AVAILABILITY_BOUND, scenario.explain(f"the lock stopped for {longest_gap:.2f}s")
         assert len(after_switch) >= AFTER_SWITCH
