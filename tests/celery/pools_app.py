@@ -147,14 +147,20 @@ def outcome(lock: Lock | None) -> dict[str, Any]:
 
 
 @app.task(name="pa.spin", bind=True, base=LossRecording, single_flight={"key": "{key}", "ttl": 1, "on_busy": "skip"})
-def spin(self: Task, key: str, seconds: float) -> dict[str, Any]:
+def spin(self: Task, key: str, seconds: float, then_sleep: float = 0.0) -> dict[str, Any]:
     # CPU-bound and never yielding: nothing else of this process's event loop
     # (the watchdog included, under gevent and eventlet) runs until it ends.
+    # With ``then_sleep`` it yields once afterwards, still inside the body.
     lock = record_start(self, key)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         pass
-    return outcome(lock)
+    seen = outcome(lock)
+    if then_sleep:
+        time.sleep(then_sleep)
+        # ``finished`` before the release: the watchdog has recorded the loss.
+        seen["loss_recorded_in_body"] = lock.finished and not lock.released
+    return seen
 
 
 @app.task(

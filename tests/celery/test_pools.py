@@ -294,7 +294,11 @@ def test_skip_policy_a_call_while_the_key_is_held_is_skipped(pooled: Pooled, red
 def test_a_cpu_bound_body_past_its_ttl(
     pooled: Pooled, redlock: Redlock, lock_clients: list[redis.Redis], task_events: list[dict[str, Any]]
 ) -> None:
-    """Kept by a real watchdog thread; under gevent and eventlet, lost and reported at the release."""
+    """Kept by a real watchdog thread; under gevent and eventlet, lost, and reported at the release.
+
+    Under gevent and eventlet a second run yields once after the lapse: the
+    watchdog's green thread then runs, and reports the loss mid-body.
+    """
     stack = pooled.stack
     key = new_key(f"{pooled.pool}-spin")
     lost_before = counter(redlock, "pa.spin", "lost")
@@ -338,6 +342,19 @@ def test_a_cpu_bound_body_past_its_ttl(
     wait_until(lambda: not lock_left(lock_clients, key), 5, message=f"the lock of {key!r} to be gone from every node")
     following = pooled.result(pooled.send("pa.skip_section", key), timeout=10)
     assert following.state == states.SUCCESS, (following.state, following.result, pooled.logs())
+
+    if pooled.pool in GREEN:
+        # A body that yields once after the lapse lets the watchdog run then:
+        # it finds the lease over and reports the loss while the body is still in.
+        again = pooled.result(pooled.send("pa.spin", key, SPIN_SECONDS, 0.2), timeout=30)
+        assert again.state == states.SUCCESS, (again.state, again.result, pooled.logs())
+        assert again.result["lost"] is True, again.result
+        assert again.result["loss_recorded_in_body"] is True, (again.result, pooled.logs())
+        # The watchdog then logs, counts, sends the event and calls the hook,
+        # which may finish after the result is stored.
+        (hook,) = wait_until(lambda: lost_hooks(stack, again.id), 5, message="the on_lock_lost hook")
+        assert "lapsed before it was extended" in hook["error"], hook
+        wait_until(lambda: counter(redlock, "pa.spin", "lost") == lost_before + 2, 5, message="the lost counter")
 
 
 def test_a_yielding_body_past_its_ttl_keeps_its_lock(pooled: Pooled, redlock: Redlock) -> None:
