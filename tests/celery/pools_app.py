@@ -103,6 +103,14 @@ def requeue_section(self: Task, key: str, hold: float = 0.03) -> int:
     return lock.token if lock is not None else 0
 
 
+@app.task(name="pa.wait_section", bind=True)
+@single_flight(key="{key}", ttl=30, on_busy="wait", wait_timeout=20)
+def wait_section(self: Task, key: str, hold: float = 0.03) -> int:
+    with section(self, key) as lock:
+        time.sleep(hold)
+    return lock.token if lock is not None else 0
+
+
 @app.task(name="pa.failing_section", bind=True)
 @single_flight(key="{key}", ttl=30, on_busy="requeue", requeue_delay=0.02, requeue_max_delay=0.1, max_requeues=1000)
 def failing_section(self: Task, key: str) -> None:

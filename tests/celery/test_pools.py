@@ -230,6 +230,37 @@ def test_contended_key_every_call_runs_once_and_succeeds(
     wait_until(lambda: not lock_left(lock_clients, key), 5, message=f"the lock of {key!r} to be gone from every node")
 
 
+def test_contended_key_with_on_busy_wait_every_call_runs_once(
+    pooled: Pooled, redlock: Redlock, lock_clients: list[redis.Redis]
+) -> None:
+    stack = pooled.stack
+    key = new_key(f"{pooled.pool}-wait")
+    busy_before = counter(redlock, "pa.wait_section", "busy")
+    holder = redlock.acquire(key, ttl=10)  # every call blocks at first, woken by this release
+    entered = time.monotonic_ns()
+    sent = [pooled.send("pa.wait_section", key, 0.03) for _ in range(CALLS)]
+    wait_until(
+        lambda: counter(redlock, "pa.wait_section", "busy") > busy_before,
+        10,
+        message=lambda: f"a call to find the key busy\n{pooled.logs()}",
+    )
+    left = time.monotonic_ns()
+    assert holder.release()
+    results = [pooled.result(r, timeout=30) for r in sent]
+
+    assert [r.state for r in results] == [states.SUCCESS] * CALLS, ([r.result for r in results], pooled.logs())
+    runs = stack.runs(key=key)
+    assert Counter(run["id"] for run in runs) == Counter({r.id: 1 for r in sent})
+    assert all(run["requeues"] == 0 for run in runs)  # they waited in the worker, none went back to the broker
+    sections = stack.sections(key)
+    assert len(sections) == CALLS
+    outside = Section(key, holder.token, entered, left)
+    assert overlaps([outside, *sections]) == []
+    assert falling_tokens([outside, *sections]) == []
+    assert stack.counter(key) == CALLS
+    wait_until(lambda: not lock_left(lock_clients, key), 5, message=f"the lock of {key!r} to be gone from every node")
+
+
 # -- the failure path releases ------------------------------------------------------------
 
 
