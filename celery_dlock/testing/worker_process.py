@@ -70,6 +70,7 @@ class WorkerProcess(ManagedProcess):
     ) -> None:
         self.app_module = app_module
         self.concurrency = concurrency
+        self.pool = pool
         self.startup_timeout = startup_timeout
         self.hostname: str | None = None
         self.dir = scratch_dir("dlock-worker-", keep=bool(os.environ.get(ENV_KEEP_LOGS)))
@@ -97,11 +98,13 @@ class WorkerProcess(ManagedProcess):
             pattern = re.compile(rf"({re.escape(self.name)}@\S+) ready\.")
             ready = self.wait_for(lambda: pattern.search(self.log), self.startup_timeout, what="ready")
             self.hostname = ready.group(1)
-            # The pool starts before the consumer, but make sure that every
-            # process is there before a test looks for them.
-            self.wait_for(
-                lambda: len(self.child_pids()) >= self.concurrency, 10, what=f"{self.concurrency} pool processes"
-            )
+            if self.pool == "prefork":
+                # The pool starts before the consumer, but make sure that every
+                # process is there before a test looks for them.  The other
+                # pools run their tasks in the main process.
+                self.wait_for(
+                    lambda: len(self.child_pids()) >= self.concurrency, 10, what=f"{self.concurrency} pool processes"
+                )
         except BaseException:
             self.kill()
             raise

@@ -59,26 +59,12 @@ CALLS = 8
 SPIN_SECONDS = 1.5
 
 
-class PoolWorker(CeleryWorker):
-    """A :class:`CeleryWorker` of any pool.
-
-    :meth:`WorkerProcess.start` waits for ``concurrency`` child processes,
-    which only prefork forks: the other pools run their tasks in the main
-    process, so for them it waits for none.
-    """
-
-    def __init__(self, *, pool: str, concurrency: int, **options: Any) -> None:
-        super().__init__(pool=pool, concurrency=concurrency, **options)
-        if pool != "prefork":
-            self.concurrency = 0
-
-
 @dataclass
 class Pooled:
     """The module's stack and the worker of one pool, consuming a queue of its own."""
 
     stack: Stack
-    worker: PoolWorker
+    worker: CeleryWorker
     pool: str
     queue: str
 
@@ -130,7 +116,7 @@ def redlock(stack: Stack) -> Iterator[Redlock]:
 def pooled(request: pytest.FixtureRequest, stack: Stack) -> Iterator[Pooled]:
     pool: str = request.param
     queue = f"pools-{pool}-{uuid.uuid4().hex[:6]}"
-    worker = PoolWorker(
+    worker = CeleryWorker(
         broker_url=stack.broker.url,
         lock_urls=stack.lock_urls,
         recorder_url=stack.recorder_url,
