@@ -16,7 +16,7 @@ from typing import TypeVar
 from redis.exceptions import RedisError
 
 from .errors import LockBusy, LockUnavailable
-from .nodes import Connection, Node
+from .nodes import Connection, Node, Readiness
 from .resp import pack
 
 __all__ = ["ReleaseWaiter", "Retries"]
@@ -27,40 +27,68 @@ logger = logging.getLogger(__name__)
 
 
 class ReleaseWaiter:
-    """A subscription to a key's release channel on one node."""
+    """Subscriptions to a key's release channel on every node that accepts one.
 
-    def __init__(self, node: Node, channel: str) -> None:
-        self._conn: Connection = node.new_connection()
-        try:
-            self._conn.send_packed_command([pack("SUBSCRIBE", channel)], check_health=False)
-            self._conn.read_response()
-        except BaseException:
-            self._conn.disconnect()
-            raise
+    Each node publishes its own release, so a waiter wakes on the first and
+    tries again at once; a node that has not applied a release yet wakes it
+    again when it does.  Listening on one node only would miss a release
+    that node never saw, and sleep a whole retry delay after it.
+    """
+
+    def __init__(self, connections: Sequence[Connection]) -> None:
+        self._connections = list(connections)
 
     @classmethod
     def subscribe(cls, nodes: Sequence[Node], channel: str) -> ReleaseWaiter | None:
-        """A waiter on the first of ``nodes`` that accepts the subscription, if any."""
+        """A waiter on each of ``nodes`` that accepts the subscription; ``None`` if none does."""
+        command = pack("SUBSCRIBE", channel)
+        connections = []
         for node in nodes:
             try:
-                return cls(node, channel)
+                conn = node.new_connection()
             except (RedisError, OSError) as exc:
                 logger.debug("cannot listen for releases on %s: %r", node.name, exc)
-        return None
+                continue
+            try:
+                conn.send_packed_command([command], check_health=False)
+                conn.read_response()
+            except (RedisError, OSError) as exc:
+                conn.disconnect()
+                logger.debug("cannot listen for releases on %s: %r", node.name, exc)
+                continue
+            connections.append(conn)
+        return cls(connections) if connections else None
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a release; True if one came."""
-        try:
-            if self._conn.can_read(timeout):
-                self._conn.read_response()
-                return True
-        except (RedisError, OSError):
+        """Wait up to ``timeout`` seconds for a release on any node; True if one came."""
+        readiness = Readiness()
+        by_fd: dict[int, Connection] = {}
+        for conn in self._connections:
+            sock = conn._sock
+            if sock is not None:
+                by_fd[sock.fileno()] = conn
+                readiness.add(sock.fileno())
+        if not by_fd:
             time.sleep(timeout)
-        return False
+            return False
+        woken = False
+        for fd in readiness.wait(timeout):
+            try:
+                by_fd[fd].read_response()
+                woken = True
+            except (RedisError, OSError):
+                self._drop(by_fd[fd])
+        return woken
 
     def close(self) -> None:
-        """Drop the subscription's connection."""
-        self._conn.disconnect()
+        """Drop every subscription's connection."""
+        for conn in self._connections:
+            conn.disconnect()
+        self._connections = []
+
+    def _drop(self, conn: Connection) -> None:
+        conn.disconnect()
+        self._connections = [other for other in self._connections if other is not conn]
 
 
 class Retries:

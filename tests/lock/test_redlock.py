@@ -449,7 +449,7 @@ def test_blocked_waiter_is_woken_by_the_release(redis_nodes3: RedisCluster) -> N
     got: list[Lock] = []
     waiting = threading.Thread(target=lambda: got.append(redlock.acquire("wake", ttl=5, timeout=60)))
     waiting.start()
-    assert wait_until(lambda: _subscribers(redis_nodes3, "dlock:released:wake") == 1)
+    assert wait_until(lambda: _subscribers(redis_nodes3, "dlock:released:wake") == 3), "it listens on every node"
     released_at = time.monotonic()
     holder.release()
     waiting.join(10)
@@ -596,7 +596,7 @@ def test_force_release_clears_a_stuck_lock_and_wakes_waiters(redis_nodes3: Redis
     got: list[Lock] = []
     waiter = threading.Thread(target=lambda: got.append(redlock.acquire("stuck", ttl=5, timeout=60)))
     waiter.start()
-    assert wait_until(lambda: _subscribers(redis_nodes3, "dlock:released:stuck") == 1)
+    assert wait_until(lambda: _subscribers(redis_nodes3, "dlock:released:stuck") == 3), "it listens on every node"
     holder = redlock.force_release("stuck")
     assert holder is not None and holder["label"] == "crashed-task"
     waiter.join(10)
