@@ -10,6 +10,7 @@ from __future__ import annotations
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +121,17 @@ def test_a_users_test_suite_uses_the_plugin(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:celery", "-W", "error::pytest.PytestWarning", timeout=120)
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*test_unlocked_runs_overlap*", "*runs overlapped:*", "*'ledger:acct-2': run(*"])
+
+
+def test_the_cli_doc_example_runs(pytester: pytest.Pytester) -> None:
+    """The plugin example in docs/cli.md, run exactly as the page prints it."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    block = page.split("```python\n# conftest.py\n", 1)[1].split("```", 1)[0]
+    conftest, tests = block.split("# test_tasks.py\n", 1)
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(test_tasks=tests)
+    result = pytester.runpytest_subprocess("-p", "no:celery", timeout=120)
+    result.assert_outcomes(passed=1)
 
 
 def test_dlock_app_needs_celery_app(pytester: pytest.Pytester) -> None:
