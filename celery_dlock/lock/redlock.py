@@ -394,8 +394,6 @@ class Redlock:
         replies = self._quorum.broadcast(command, granted=_is_granted)
         outcomes = [scripts.parse_acquire(reply) for reply in replies]
         tokens = {i: o.token for i, o in enumerate(outcomes) if isinstance(o, Granted)}
-        # Undoes this attempt wherever it may have taken the key, waking no waiter.
-        cleanup = scripts.release_call(self.keyspace, key, owner=owner, notify=False, count_as=None)
 
         if len(tokens) >= self.quorum:
             token = max(tokens.values())
@@ -406,18 +404,22 @@ class Redlock:
                 reason = "the lease ran out while acquiring"
             else:
                 reason = "the fencing token could not be stored on a quorum"
-            self._quorum.send_all(cleanup)
+            self._quorum.send_all(self._undo(key, owner))
             return LockUnavailable.for_key(key, attempts=attempt, errors=self._quorum.errors(replies), reason=reason)
 
         busy = [o for o in outcomes if isinstance(o, Held)]
         maybe_ours = [node for node, o in zip(self.nodes, outcomes, strict=True) if not isinstance(o, Held)]
         if maybe_ours:
-            self._quorum.send_all(cleanup, maybe_ours)
+            self._quorum.send_all(self._undo(key, owner), maybe_ours)
         if len(tokens) + len(busy) < self.quorum:
             return LockUnavailable.for_key(key, attempts=attempt, errors=self._quorum.errors(replies))
         holder = next((parse_metadata(o.meta) for o in busy if o.meta), None)
         retry_after = max(o.pttl_ms for o in busy) / 1000 if busy else None
         return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after)
+
+    def _undo(self, key: str, owner: str) -> bytes:
+        """The release that undoes a failed attempt wherever it took the key, waking no waiter."""
+        return scripts.release_call(self.keyspace, key, owner=owner, notify=False, count_as=None)
 
     def _fence(self, token: int, tokens: dict[int, int]) -> bool:
         """Make sure a quorum's counters are at least ``token``.
