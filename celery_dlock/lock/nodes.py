@@ -346,7 +346,10 @@ def fan_out(
                 replies[index] = RedisTimeoutError(f"no reply within {timeout}s")
             break
         for fd in ready:
-            index = by_fd[fd]
+            found = by_fd.get(fd)
+            if found is None or found not in waiting:
+                continue  # eventlet's green select can report a descriptor it was not given
+            index = found
             reply = calls[index][0].read()
             if reply is not NO_REPLY:
                 replies[index] = reply

@@ -61,30 +61,36 @@ class ReleaseWaiter:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a release on any node; True if one came."""
+        if self._read_ready():  # a notice may already sit in a connection's buffer
+            return True
         readiness = Readiness()
-        by_fd: dict[int, Connection] = {}
         for conn in self._connections:
-            sock = conn._sock
-            if sock is not None:
-                by_fd[sock.fileno()] = conn
-                readiness.add(sock.fileno())
-        if not by_fd:
+            if conn._sock is not None:
+                readiness.add(conn._sock.fileno())
+        if not self._connections:
             time.sleep(timeout)
             return False
-        woken = False
-        for fd in readiness.wait(timeout):
-            try:
-                by_fd[fd].read_response()
-                woken = True
-            except (RedisError, OSError):
-                self._drop(by_fd[fd])
-        return woken
+        # Which descriptor woke us is not trusted (green selects differ); every
+        # connection is asked instead.
+        return bool(readiness.wait(timeout)) and self._read_ready()
 
     def close(self) -> None:
         """Drop every subscription's connection."""
         for conn in self._connections:
             conn.disconnect()
         self._connections = []
+
+    def _read_ready(self) -> bool:
+        """Read the notice waiting on each connection that has one; True if any did."""
+        woken = False
+        for conn in list(self._connections):
+            try:
+                if conn.can_read(0):
+                    conn.read_response()
+                    woken = True
+            except (RedisError, OSError):
+                self._drop(conn)
+        return woken
 
     def _drop(self, conn: Connection) -> None:
         conn.disconnect()
