@@ -70,6 +70,11 @@ class AppLocks:
             held, self._held = self._held, set()
         return sum(1 for lock in held if lock.release())
 
+    def flush_counts(self) -> None:
+        """Write the counters this process has not written yet (see :meth:`Redlock.flush_counts`)."""
+        if self._redlock is not None:
+            self._redlock.flush_counts()
+
 
 _registry: weakref.WeakKeyDictionary[Any, AppLocks] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()

@@ -161,6 +161,7 @@ def _on_worker_process_shutdown(**_: Any) -> None:
         released = locks.release_all()
         if released:
             logger.info("released %d lock(s) held by an exiting pool process", released)
+        locks.flush_counts()
 
 
 def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
@@ -171,3 +172,5 @@ def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
         guard = guard_of(task)
         if guard is not None:
             guard.release_dead_run(task, request.id, request.hostname, request.args, request.kwargs)
+    for _app, locks in known_apps():
+        locks.flush_counts()

@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from . import queue_scripts as scripts
 from .errors import DLockError, LockBusy, LockUnavailable
 from .lease import Lock, LostCallback
@@ -97,7 +99,6 @@ class QueuedLock(Lock):
                 self.key,
                 owner=self.owner,
                 reserve_ms=math.ceil(self.ttl * 1000),
-                count_as=self.count_as,
             ),
             self.key,
         )
@@ -155,7 +156,6 @@ class HandoffQueue:
             meta=holder_metadata(label, details),
             ticket=ticket,
             reserve_ms=ttl_ms,
-            count_as=count_as,
         )
         outcome = scripts.parse_acquire_queued(self._execute(command, key))
         if isinstance(outcome, Granted):
@@ -174,12 +174,16 @@ class HandoffQueue:
                 watchdog=watchdog,
             )
             watchdog.watch(lock, self.redlock.extend_every)
+            if count_as:
+                self.redlock.count(count_as, "acquired")
             return lock
         if isinstance(outcome, TicketSpent):
             raise AlreadyClaimed(f"ticket {ticket!r} on {key!r} was claimed already", key=key)
         if isinstance(outcome, HandedOff):
             raise HandoffPending.stranded(Handoff(key, outcome.ticket, outcome.payload))
         if isinstance(outcome, Held):
+            if count_as:
+                self.redlock.count(count_as, "busy")
             raise LockBusy.for_key(
                 key, attempts=1, holder=parse_metadata(outcome.meta), retry_after=outcome.pttl_ms / 1000
             )
@@ -226,17 +230,28 @@ class HandoffQueue:
         Run it now and then (the Celery worker does, on a timer): it rescues
         the tickets of a holder that died before it could hand off.
         """
-        members = self._node.execute(pack("SMEMBERS", self._space.queues))
-        if isinstance(members, BaseException):
-            raise LockUnavailable.for_key(None, attempts=1, errors=[(self._node.name, members)])
         handoffs = []
-        for raw in members:
+        for raw in self._queued_keys():
             key = raw.decode()
             command = scripts.sweep_call(self._space, key, reserve_ms=math.ceil(reserve_ttl * 1000))
             outcome = scripts.parse_sweep(self._execute(command, key))
             if isinstance(outcome, HandedOff):
                 handoffs.append(Handoff(key, outcome.ticket, outcome.payload))
         return handoffs
+
+    def _queued_keys(self) -> list[bytes]:
+        """Every key whose queue is not empty, from the queue index (one set, or one per Cluster tag)."""
+        try:
+            sets = self._node.scan(self._space.queue_sets()) if self._space.clustered else [self._space.queue_sets()]
+            keys: list[bytes] = []
+            for name in sets:
+                members = self._node.execute(pack("SMEMBERS", name))
+                if isinstance(members, BaseException):
+                    raise members
+                keys += members
+        except RedisError as exc:
+            raise LockUnavailable.for_key(None, attempts=1, errors=[(self._node.name, exc)]) from None
+        return keys
 
     def queued(self, key: str) -> list[str]:
         """The tickets parked on ``key``, oldest first (for operators)."""

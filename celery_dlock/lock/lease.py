@@ -35,8 +35,12 @@ class LeaseManager(Protocol):
         """Renew ``owner``'s lease on a quorum; returns when it stops being valid (monotonic)."""
         ...
 
-    def release_lease(self, key: str, owner: str, *, wait: bool = True, count_as: str | None = None) -> bool:
+    def release_lease(self, key: str, owner: str, *, wait: bool = True) -> bool:
         """Delete the lock wherever ``owner`` holds it; True if a quorum confirmed."""
+        ...
+
+    def count(self, label: str, event: str, amount: int = 1) -> None:
+        """Add to the counter ``<label>:<event>``."""
         ...
 
 
@@ -221,7 +225,7 @@ class Lock:
 
     def do_release(self, wait: bool) -> bool:
         """The I/O of a release, once the local state says it is due; subclasses may hand on."""
-        return self._manager.release_lease(self.key, self._owner, wait=wait, count_as=self.count_as)
+        return self._manager.release_lease(self.key, self._owner, wait=wait)
 
     def _end(self, *, wait: bool) -> bool:
         with self._mutex:
@@ -233,6 +237,8 @@ class Lock:
                 self._watchdog.forget(self)
             fault_point("before-release")
             released = self.do_release(wait)
+        if self.count_as and (released or not wait):
+            self._manager.count(self.count_as, "released")
         if lapsed:
             # Nothing renewed it in time (say, a body that never let the
             # watchdog thread run): the loss is reported now, at the latest.

@@ -35,7 +35,7 @@ from redis.sentinel import SentinelConnectionPool
 from .addresses import resolve
 from .resp import pack
 
-__all__ = ["NO_REPLY", "Node", "Readiness", "Reply", "fan_out"]
+__all__ = ["NO_REPLY", "Member", "Node", "Readiness", "Reply", "fan_out"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ Reply = Any
 
 #: After this many unread replies a connection is dropped rather than drained.
 MAX_STALE_REPLIES: Final = 32
+
+#: How many keys each SCAN step looks at.
+SCAN_COUNT: Final = 1000
 
 #: Back-off after a timeout, so a hung node is not re-dialled on every call.
 COOLDOWN_MIN: Final = 0.05
@@ -72,6 +75,51 @@ class Connection(Protocol):
     def send_packed_command(self, command: list[bytes], check_health: bool = ...) -> None: ...
     def can_read(self, timeout: float = ...) -> bool: ...
     def read_response(self) -> Any: ...
+
+
+class Member(Protocol):
+    """One member of a quorum: a :class:`Node`, or a whole Redis Cluster (:mod:`.cluster`)."""
+
+    #: A printable name with no password.
+    name: str
+    #: Equal for two members that are the same server, Sentinel master or Cluster.
+    identity: tuple[str, ...]
+
+    def send(self, packed: bytes) -> None:
+        """Send one packed command."""
+        ...
+
+    def fileno(self) -> int:
+        """The descriptor the reply to the last command arrives on."""
+        ...
+
+    def read(self, *, block: bool = False) -> Reply:
+        """The reply to the last command, or :data:`NO_REPLY` if not in yet and not ``block``."""
+        ...
+
+    def abandon(self) -> None:
+        """Leave the last reply unread."""
+        ...
+
+    def execute(self, packed: bytes) -> Reply:
+        """Send one command and wait for its reply."""
+        ...
+
+    def close(self) -> None:
+        """Close this thread's connections."""
+        ...
+
+    def new_connection(self) -> Connection:
+        """A connected connection of the caller's own, for subscriptions."""
+        ...
+
+    def scan(self, pattern: str) -> list[bytes]:
+        """The names of the keys matching ``pattern`` (on a Cluster, on every master)."""
+        ...
+
+    def client(self, timeout: float) -> Any:
+        """A redis-py client, for operators; the caller closes it."""
+        ...
 
 
 class _Link:
@@ -250,6 +298,19 @@ class Node:
         link: _Link = self._local.link
         link.stale += 1
 
+    def scan(self, pattern: str) -> list[bytes]:
+        """The names of the keys matching ``pattern``; raises the error of a node that failed."""
+        names: list[bytes] = []
+        cursor: bytes | int = 0
+        while True:
+            reply = self.execute(pack("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT))
+            if isinstance(reply, BaseException):
+                raise reply
+            cursor, found = reply
+            names += found
+            if cursor in (b"0", 0):
+                return names
+
     def close(self) -> None:
         """Close this thread's connection, if it has one."""
         link: _Link | None = getattr(self._local, "link", None)
@@ -300,7 +361,7 @@ def _reconnectable(link: _Link, exc: BaseException) -> bool:
 
 
 def fan_out(
-    calls: Sequence[tuple[Node, bytes]],
+    calls: Sequence[tuple[Member, bytes]],
     *,
     decided: Callable[[list[Reply]], bool],
     timeout: float,

@@ -9,7 +9,6 @@ from typing import Any, Final
 
 from .keyspace import Keyspace
 from .script import (
-    COUNT,
     Granted,
     HandedOff,
     Held,
@@ -20,7 +19,6 @@ from .script import (
     Released,
     Script,
     TicketSpent,
-    counted,
     reply_status,
     reply_text,
 )
@@ -78,7 +76,7 @@ end
 
 
 def _queue_keys(space: Keyspace, key: str) -> list[str]:
-    return [space.lock(key), space.queue(key), space.parked(key), space.queues]
+    return [space.lock(key), space.queue(key), space.parked(key), space.queues(key)]
 
 
 def parse_release_handoff(reply: Any) -> Released | NotOurs | None:
@@ -96,26 +94,21 @@ def parse_release_handoff(reply: Any) -> Released | NotOurs | None:
 #: Release the owner's lock and hand the key to the oldest parked ticket.
 RELEASE_HANDOFF: Final = Script(
     "release_handoff",
-    keys=(*_QUEUE_KEYS, "stats?"),
-    args=("owner", "channel", "reserve_ms", "key", "label?"),
+    keys=_QUEUE_KEYS,
+    args=("owner", "channel", "reserve_ms", "key"),
     body=_HAND_OFF
-    + COUNT
     + """
 if redis.call('HGET', lock, 'owner') ~= owner then
     return {'not-ours'}
 end
-count('released')
 return hand_off(reserve_ms, key, channel)
 """,
 )
 
 
-def release_handoff_call(space: Keyspace, key: str, *, owner: str, reserve_ms: int, count_as: str | None) -> bytes:
+def release_handoff_call(space: Keyspace, key: str, *, owner: str, reserve_ms: int) -> bytes:
     """Pack :data:`RELEASE_HANDOFF`."""
-    stats, label = counted(space, count_as)
-    return RELEASE_HANDOFF.call(
-        [*_queue_keys(space, key), *stats], [owner, space.released(key), reserve_ms, key, *label]
-    )
+    return RELEASE_HANDOFF.call(_queue_keys(space, key), [owner, space.released(key), reserve_ms, key])
 
 
 #: As :data:`RELEASE_HANDOFF` for an owner value starting with ``prefix``:
@@ -227,13 +220,11 @@ def parse_park(reply: Any) -> Parked | KeyFree | QueueFilled | None:
 #: Acquire a key that has a handoff queue, claiming ``ticket`` if not empty.
 ACQUIRE_QUEUED: Final = Script(
     "acquire_queued",
-    keys=(*_QUEUE_KEYS, "fence", "stats?"),
-    args=("owner", "lease_ms", "meta", "ticket", "reserve_ms", "key", "channel", "label?"),
+    keys=(*_QUEUE_KEYS, "fence"),
+    args=("owner", "lease_ms", "meta", "ticket", "reserve_ms", "key", "channel"),
     body=_HAND_OFF
-    + COUNT
     + """
 local function grant()
-    count('acquired')
     local token = redis.call('INCR', fence)
     redis.call('DEL', lock)
     redis.call('HSET', lock, 'owner', owner, 'token', token, 'meta', meta)
@@ -241,7 +232,6 @@ local function grant()
     return {'granted', token}
 end
 local function busy()
-    count('busy')
     return {'held', redis.call('HGET', lock, 'meta'), redis.call('PTTL', lock)}
 end
 local holder = redis.call('HGET', lock, 'owner')
@@ -286,13 +276,11 @@ def acquire_queued_call(
     meta: str,
     ticket: str | None,
     reserve_ms: int,
-    count_as: str | None,
 ) -> bytes:
     """Pack :data:`ACQUIRE_QUEUED`."""
-    stats, label = counted(space, count_as)
     return ACQUIRE_QUEUED.call(
-        [*_queue_keys(space, key), space.fence, *stats],
-        [owner, lease_ms, meta, ticket or "", reserve_ms, key, space.released(key), *label],
+        [*_queue_keys(space, key), space.fence(key)],
+        [owner, lease_ms, meta, ticket or "", reserve_ms, key, space.released(key)],
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .nodes import NO_REPLY, Node, Reply, fan_out
+from .nodes import NO_REPLY, Member, Reply, fan_out
 
 __all__ = ["Quorum", "decided"]
 
@@ -24,7 +24,7 @@ def decided(replies: Sequence[Reply], yes: Callable[[Reply], bool], quorum: int,
 class Quorum:
     """Independent nodes of which a strict majority must agree."""
 
-    def __init__(self, nodes: Sequence[Node], *, socket_timeout: float) -> None:
+    def __init__(self, nodes: Sequence[Member], *, socket_timeout: float) -> None:
         self.nodes = list(nodes)
         #: How many nodes must agree: a strict majority.
         self.size = len(self.nodes) // 2 + 1
@@ -58,7 +58,7 @@ class Quorum:
         """Send ``command`` to every node and wait for every reply (or the timeout)."""
         return fan_out([(node, command) for node in self.nodes], decided=lambda r: False, timeout=self.socket_timeout)
 
-    def send_all(self, command: bytes, nodes: Sequence[Node] | None = None) -> None:
+    def send_all(self, command: bytes, nodes: Sequence[Member] | None = None) -> None:
         """Send ``command`` to ``nodes`` (by default all) without waiting for replies."""
         targets = self.nodes if nodes is None else nodes
         fan_out([(node, command) for node in targets], decided=lambda r: True, timeout=0)

@@ -20,19 +20,21 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Final
 
 import redis
 
 from . import queue_scripts, scripts
+from .cluster import ClusterNode, member
+from .counters import Tally
 from .errors import LockBusy, LockLost, LockUnavailable
 from .faults import fault_point
 from .keyspace import DEFAULT_PREFIX, Keyspace
 from .lease import Lock, LostCallback
 from .metadata import StoredLock, holder_metadata, parse_lock_hash, parse_metadata
-from .nodes import Node, Reply
+from .nodes import Member, Reply
 from .quorum import Quorum
 from .resp import pack
 from .script import Granted, Held
@@ -59,7 +61,8 @@ class Redlock:
             master (not replicas of one another).  A single URL or client is
             accepted as one node.  ``sentinel://h1:26379;sentinel://h2:26379/0``
             is one master found through its Sentinels, and found again after
-            a failover.
+            a failover; ``redis+cluster://h1:7000,h2:7001`` is one Redis
+            Cluster, each key on the master of its slot.
         retry_count: When ``acquire`` blocks with no ``timeout``, how many
             times it retries after the first attempt.
         retry_delay: Seconds between attempts; a release on the key wakes a
@@ -80,6 +83,9 @@ class Redlock:
             node watch.
         sentinel_kwargs: Connection options for the Sentinels themselves,
             such as their password.
+        flush_every: Counters (:meth:`count`) are kept in the process and
+            written at most this many seconds after the event; 0 writes each
+            one at once.
 
     """
 
@@ -87,6 +93,7 @@ class Redlock:
     DEFAULT_RETRY_DELAY: ClassVar[float] = 0.2
     DEFAULT_RETRY_JITTER: ClassVar[float] = 0.1
     DEFAULT_SOCKET_TIMEOUT: ClassVar[float] = 0.25
+    DEFAULT_FLUSH_EVERY: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -102,6 +109,7 @@ class Redlock:
         watchdog: Watchdog | None = None,
         sentinel_master: str | None = None,
         sentinel_kwargs: Mapping[str, Any] | None = None,
+        flush_every: float = DEFAULT_FLUSH_EVERY,
     ) -> None:
         if isinstance(nodes, (str, redis.Redis)):
             nodes = [nodes]
@@ -115,19 +123,14 @@ class Redlock:
         check_number("drift_factor", drift_factor, minimum=0, below=1)
         check_number("socket_timeout", socket_timeout, minimum=0, exclusive=True)
         check_number("extend_every", extend_every, minimum=0, exclusive=True, below=1)
+        check_number("flush_every", flush_every, minimum=0)
         check_text("key_prefix", key_prefix)
 
-        self.nodes = [
-            Node(
-                spec,
-                socket_timeout=socket_timeout,
-                preload=_PRELOAD,
-                sentinel_master=sentinel_master,
-                sentinel_kwargs=sentinel_kwargs,
-            )
+        self.nodes: list[Member] = [
+            member(spec, socket_timeout=socket_timeout, preload=_PRELOAD, sentinel=(sentinel_master, sentinel_kwargs))
             for spec in nodes
         ]
-        seen: dict[tuple[str, ...], Node] = {}
+        seen: dict[tuple[str, ...], Member] = {}
         for node in self.nodes:
             if node.identity in seen:
                 raise ValueError(f"nodes: {node.name} is given twice; Redlock needs independent masters")
@@ -141,10 +144,15 @@ class Redlock:
         self.drift_factor = drift_factor
         self.key_prefix = key_prefix
         #: The names of every Redis key and channel this manager uses.
-        self.keyspace = Keyspace(key_prefix)
+        self.keyspace = Keyspace(key_prefix, clustered=any(isinstance(node, ClusterNode) for node in self.nodes))
         self.socket_timeout = socket_timeout
         self.extend_every = extend_every
         self._watchdog = watchdog
+        self._tally = Tally(
+            lambda counts: self._quorum.send_all(scripts.add_counts_call(self.keyspace, counts)),
+            flush_every=flush_every,
+            schedule=self._on_watchdog,
+        )
 
     def __repr__(self) -> str:
         return f"<Redlock {len(self.nodes)} node(s), quorum {self.quorum}>"
@@ -153,6 +161,10 @@ class Redlock:
     def watchdog(self) -> Watchdog:
         """The renewal thread of auto-extended locks: the one given, else the process's."""
         return self._watchdog if self._watchdog is not None else default_watchdog()
+
+    def _on_watchdog(self, delay: float, job: Callable[[], None]) -> None:
+        """Run ``job`` on the watchdog thread later; the watchdog is looked up anew, as a fork replaces it."""
+        self.watchdog.call_later(delay, job)
 
     # -- public API ----------------------------------------------------------
 
@@ -220,6 +232,8 @@ class Redlock:
         )
         if watchdog is not None:
             watchdog.watch(lock, self.extend_every)
+        if count_as:
+            self.count(count_as, "acquired")
         fault_point("after-acquire")
         return lock
 
@@ -301,19 +315,26 @@ class Redlock:
         return None
 
     def count(self, label: str, event: str, amount: int = 1) -> None:
-        """Add to the counter ``<label>:<event>`` on every node, without waiting.
+        """Add to the counter ``<label>:<event>``.
 
-        For events the lock scripts cannot see (a requeue, a skip, a loss):
-        the command is sent and its reply skipped later, so it costs no round
-        trip.
+        The count is kept in the process and written to every node with the
+        others, at most ``flush_every`` seconds later, so it costs no round
+        trip (see :class:`~celery_dlock.lock.counters.Tally`).
         """
-        self._quorum.send_all(pack("HINCRBY", self.keyspace.stats, self.keyspace.stats_field(label, event), amount))
+        self._tally.add(label, event, amount)
+
+    def flush_counts(self) -> None:
+        """Write this process's pending counts to every node now, without waiting for replies."""
+        self._tally.flush()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """The counters by label, read from the first node that answers.
 
-        Every node counts the same events, so one node is enough.
+        Every node counts the same events, so one node is enough.  This
+        process's own pending counts are written first; other processes'
+        arrive within their ``flush_every``.
         """
+        self._tally.flush()
         for node in self.nodes:
             reply = node.execute(pack("HGETALL", self.keyspace.stats))
             if isinstance(reply, BaseException):
@@ -354,9 +375,7 @@ class Redlock:
             key, attempts=1, errors=self._quorum.errors(replies), reason="could not extend on a quorum"
         )
 
-    def release_lease(
-        self, key: str, owner: str, *, wait: bool = True, notify: bool = True, count_as: str | None = None
-    ) -> bool:
+    def release_lease(self, key: str, owner: str, *, wait: bool = True, notify: bool = True) -> bool:
         """Delete the lock wherever ``owner`` still holds it.
 
         Returns True when a quorum confirmed.  With ``wait=False`` it sends
@@ -365,7 +384,7 @@ class Redlock:
         failed attempt, which a waiter would otherwise take for a release and
         retry at once, again and again.
         """
-        command = scripts.release_call(self.keyspace, key, owner=owner, notify=notify, count_as=count_as)
+        command = scripts.release_call(self.keyspace, key, owner=owner, notify=notify)
         if not wait:
             self._quorum.send_all(command, self.nodes)
             return False
@@ -388,16 +407,14 @@ class Redlock:
         ``meta`` is the holder metadata, ``attempt`` the attempt's number.
         """
         started = time.monotonic()
-        command = scripts.acquire_call(
-            self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000), meta=meta, count_as=count_as
-        )
+        command = scripts.acquire_call(self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000), meta=meta)
         replies = self._quorum.broadcast(command, granted=_is_granted)
         outcomes = [scripts.parse_acquire(reply) for reply in replies]
         tokens = {i: o.token for i, o in enumerate(outcomes) if isinstance(o, Granted)}
 
         if len(tokens) >= self.quorum:
             token = max(tokens.values())
-            if self._fence(token, tokens):
+            if self._fence(key, token, tokens):
                 valid_until = self.lease_end(started, ttl)
                 if time.monotonic() < valid_until:
                     return token, valid_until
@@ -413,15 +430,17 @@ class Redlock:
             self._quorum.send_all(self._undo(key, owner), maybe_ours)
         if len(tokens) + len(busy) < self.quorum:
             return LockUnavailable.for_key(key, attempts=attempt, errors=self._quorum.errors(replies))
+        if count_as:
+            self.count(count_as, "busy")
         holder = next((parse_metadata(o.meta) for o in busy if o.meta), None)
         retry_after = max(o.pttl_ms for o in busy) / 1000 if busy else None
         return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after)
 
     def _undo(self, key: str, owner: str) -> bytes:
         """The release that undoes a failed attempt wherever it took the key, waking no waiter."""
-        return scripts.release_call(self.keyspace, key, owner=owner, notify=False, count_as=None)
+        return scripts.release_call(self.keyspace, key, owner=owner, notify=False)
 
-    def _fence(self, token: int, tokens: dict[int, int]) -> bool:
+    def _fence(self, key: str, token: int, tokens: dict[int, int]) -> bool:
         """Make sure a quorum's counters are at least ``token``.
 
         Tokens must rise across holders even when their quorums differ; that
@@ -431,7 +450,7 @@ class Redlock:
         """
         at_token = sum(1 for t in tokens.values() if t == token)
         behind = [i for i, t in tokens.items() if t < token]
-        command = scripts.fence_floor_call(self.keyspace, token)
+        command = scripts.fence_floor_call(self.keyspace, key, token)
         return self._quorum.confirm(command, behind, already=at_token, yes=scripts.fenced)
 
 

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .keyspace import RESERVED_OWNER, Keyspace
+from .keyspace import RESERVED_OWNER
 from .resp import pack
 
 __all__ = [
-    "COUNT",
     "Arg",
     "Granted",
     "HandedOff",
@@ -29,7 +28,6 @@ __all__ = [
     "Released",
     "Script",
     "TicketSpent",
-    "counted",
     "reply_status",
     "reply_text",
 ]
@@ -135,22 +133,3 @@ def reply_text(value: bytes | str) -> str:
 def reply_status(reply: Any) -> bytes | None:
     """The status word a script put first in its reply, or ``None`` for an error or no reply."""
     return reply[0] if isinstance(reply, list) and reply else None
-
-
-# -- counters ---------------------------------------------------------------------------
-
-# Counting rides in the script that does the work, so it costs no round trip.
-# Scripts that count take ``stats?`` last among their keys and ``label?`` last
-# among their arguments; a caller that wants no counters leaves both out.
-COUNT = """
-local function count(event)
-    if stats then
-        redis.call('HINCRBY', stats, label .. ':' .. event, 1)
-    end
-end
-"""
-
-
-def counted(space: Keyspace, count_as: str | None) -> tuple[list[str], list[Arg]]:
-    """The ``stats?`` key and ``label?`` argument of a counting script, or neither."""
-    return ([space.stats], [count_as]) if count_as else ([], [])

@@ -10,13 +10,15 @@ trip.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
 from .keyspace import Keyspace
-from .script import COUNT, Granted, Held, Script, counted, reply_status
+from .script import Arg, Granted, Held, Script, reply_status
 
 __all__ = [
     "ACQUIRE",
+    "ADD_COUNTS",
     "ALL",
     "EXTEND",
     "FENCE_FLOOR",
@@ -24,6 +26,7 @@ __all__ = [
     "RELEASE",
     "RELEASE_PREFIX",
     "acquire_call",
+    "add_counts_call",
     "done",
     "extend_call",
     "fence_floor_call",
@@ -41,32 +44,28 @@ __all__ = [
 #: retried acquire is safe.
 ACQUIRE: Final = Script(
     "acquire",
-    keys=("lock", "fence", "stats?"),
-    args=("owner", "lease_ms", "meta", "label?"),
-    body=COUNT
-    + """
+    keys=("lock", "fence"),
+    args=("owner", "lease_ms", "meta"),
+    body="""
 local holder = redis.call('HGET', lock, 'owner')
 if not holder then
     local token = redis.call('INCR', fence)
     redis.call('HSET', lock, 'owner', owner, 'token', token, 'meta', meta)
     redis.call('PEXPIRE', lock, lease_ms)
-    count('acquired')
     return {'granted', token}
 end
 if holder == owner then
     redis.call('PEXPIRE', lock, lease_ms)
     return {'granted', tonumber(redis.call('HGET', lock, 'token'))}
 end
-count('busy')
 return {'held', redis.call('HGET', lock, 'meta'), redis.call('PTTL', lock)}
 """,
 )
 
 
-def acquire_call(space: Keyspace, key: str, *, owner: str, lease_ms: int, meta: str, count_as: str | None) -> bytes:
+def acquire_call(space: Keyspace, key: str, *, owner: str, lease_ms: int, meta: str) -> bytes:
     """Pack :data:`ACQUIRE`."""
-    stats, label = counted(space, count_as)
-    return ACQUIRE.call([space.lock(key), space.fence, *stats], [owner, lease_ms, meta, *label])
+    return ACQUIRE.call([space.lock(key), space.fence(key)], [owner, lease_ms, meta])
 
 
 def parse_acquire(reply: Any) -> Granted | Held | None:
@@ -113,16 +112,14 @@ def extend_call(space: Keyspace, key: str, *, owner: str, lease_ms: int) -> byte
 #: is empty: 1, else 0.
 RELEASE: Final = Script(
     "release",
-    keys=("lock", "stats?"),
-    args=("owner", "channel", "label?"),
-    body=COUNT
-    + """
+    keys=("lock",),
+    args=("owner", "channel"),
+    body="""
 if redis.call('HGET', lock, 'owner') == owner then
     redis.call('DEL', lock)
     if channel ~= '' then
         redis.call('PUBLISH', channel, '')
     end
-    count('released')
     return 1
 end
 return 0
@@ -130,11 +127,10 @@ return 0
 )
 
 
-def release_call(space: Keyspace, key: str, *, owner: str, notify: bool, count_as: str | None) -> bytes:
+def release_call(space: Keyspace, key: str, *, owner: str, notify: bool) -> bytes:
     """Pack :data:`RELEASE`; ``notify=False`` wakes no waiter."""
-    stats, label = counted(space, count_as)
     channel = space.released(key) if notify else ""
-    return RELEASE.call([space.lock(key), *stats], [owner, channel, *label])
+    return RELEASE.call([space.lock(key)], [owner, channel])
 
 
 #: Delete the lock whoever holds it, waking waiters: 1 if there was one.
@@ -179,7 +175,7 @@ def release_prefix_call(space: Keyspace, key: str, *, prefix: str) -> bytes:
     return RELEASE_PREFIX.call([space.lock(key)], [prefix, space.released(key)])
 
 
-#: Raise the node's fencing counter to at least ``floor``; returns the counter.
+#: Raise the fencing counter of a key to at least ``floor``; returns the counter.
 FENCE_FLOOR: Final = Script(
     "fence_floor",
     keys=("fence",),
@@ -196,9 +192,9 @@ return current
 )
 
 
-def fence_floor_call(space: Keyspace, floor: int) -> bytes:
-    """Pack :data:`FENCE_FLOOR`."""
-    return FENCE_FLOOR.call([space.fence], [floor])
+def fence_floor_call(space: Keyspace, key: str, floor: int) -> bytes:
+    """Pack :data:`FENCE_FLOOR` for the counter that ``key``'s tokens come from."""
+    return FENCE_FLOOR.call([space.fence(key)], [floor])
 
 
 def fenced(reply: Any) -> bool:
@@ -206,5 +202,27 @@ def fenced(reply: Any) -> bool:
     return isinstance(reply, int) and not isinstance(reply, bool)
 
 
+#: Add to counters of the stats hash: the arguments are field, amount, field, amount...
+ADD_COUNTS: Final = Script(
+    "add_counts",
+    keys=("stats",),
+    args=(),
+    body="""
+for i = 1, #ARGV, 2 do
+    redis.call('HINCRBY', stats, ARGV[i], ARGV[i + 1])
+end
+return 1
+""",
+)
+
+
+def add_counts_call(space: Keyspace, counts: Mapping[tuple[str, str], int]) -> bytes:
+    """Pack :data:`ADD_COUNTS` for ``counts`` of ``(label, event)``."""
+    args: list[Arg] = []
+    for (label, event), amount in counts.items():
+        args += [space.stats_field(label, event), amount]
+    return ADD_COUNTS.call([space.stats], args)
+
+
 #: Every plain-lock script.
-ALL: Final = (ACQUIRE, EXTEND, RELEASE, RELEASE_PREFIX, FORCE_RELEASE, FENCE_FLOOR)
+ALL: Final = (ACQUIRE, EXTEND, RELEASE, RELEASE_PREFIX, FORCE_RELEASE, FENCE_FLOOR, ADD_COUNTS)

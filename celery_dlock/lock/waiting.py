@@ -16,7 +16,7 @@ from typing import TypeVar
 from redis.exceptions import RedisError
 
 from .errors import LockBusy, LockUnavailable
-from .nodes import Connection, Node, Readiness
+from .nodes import Connection, Member, Readiness
 from .resp import pack
 
 __all__ = ["ReleaseWaiter", "Retries"]
@@ -39,7 +39,7 @@ class ReleaseWaiter:
         self._connections = list(connections)
 
     @classmethod
-    def subscribe(cls, nodes: Sequence[Node], channel: str) -> ReleaseWaiter | None:
+    def subscribe(cls, nodes: Sequence[Member], channel: str) -> ReleaseWaiter | None:
         """A waiter on each of ``nodes`` that accepts the subscription; ``None`` if none does."""
         command = pack("SUBSCRIBE", channel)
         connections = []

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 from .errors import DLockError, LockLost
@@ -83,6 +84,7 @@ class Watchdog:
     def __init__(self, name: str = "celery-dlock-watchdog") -> None:
         self.name = name
         self._watched: dict[int, _Watch] = {}
+        self._jobs: list[tuple[float, Callable[[], None]]] = []
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._wakes_at = 0.0
@@ -103,30 +105,46 @@ class Watchdog:
             if watch is not None and watch.ref() is lock:
                 del self._watched[id(lock)]
 
+    def call_later(self, delay: float, job: Callable[[], None]) -> None:
+        """Run ``job`` once on the thread after ``delay`` seconds (for batched writes such as counters)."""
+        with self._wakeup:
+            due = time.monotonic() + delay
+            self._jobs.append((due, job))
+            self._wake_for(due)
+
     def _schedule(self, lock: Renewable, every: float, due: float) -> None:
         with self._wakeup:
             self._watched[id(lock)] = _Watch(lock, every, due)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
-            elif due < self._wakes_at:
-                self._wakeup.notify()
+            self._wake_for(due)
+
+    def _wake_for(self, due: float) -> None:
+        """Start the thread, or wake it if it sleeps past ``due``; the caller holds ``_wakeup``."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        elif due < self._wakes_at:
+            self._wakeup.notify()
 
     def _run(self) -> None:
         while True:
             try:
-                for lock, every in self._due():
+                locks, jobs = self._due()
+                for lock, every in locks:
                     self._renew(lock, every)
+                for job in jobs:
+                    _run_job(job)
             except Exception:  # the thread must outlive any bug in a renewal
                 logger.exception("watchdog renewal failed unexpectedly")
 
-    def _due(self) -> list[tuple[Renewable, float]]:
-        """Sleep until a lock is due, then take the due ones off the watch list."""
+    def _due(self) -> tuple[list[tuple[Renewable, float]], list[Callable[[], None]]]:
+        """Sleep until a lock or a job is due, then take the due ones off their lists."""
         with self._wakeup:
             while True:
                 now = time.monotonic()
                 due: list[tuple[Renewable, float]] = []
-                next_due = now + IDLE_TICK
+                jobs = [job for at, job in self._jobs if at <= now]
+                self._jobs = [(at, job) for at, job in self._jobs if at > now]
+                next_due = min([now + IDLE_TICK, *(at for at, _ in self._jobs)])
                 for key, watch in list(self._watched.items()):
                     lock = watch.ref()
                     if not _alive(lock):
@@ -136,9 +154,9 @@ class Watchdog:
                         due.append((lock, watch.every))  # type: ignore[arg-type]
                     else:
                         next_due = min(next_due, watch.due)
-                if due:
+                if due or jobs:
                     self._wakes_at = 0.0
-                    return due
+                    return due, jobs
                 self._wakes_at = next_due
                 self._wakeup.wait(next_due - now)
 
@@ -171,6 +189,13 @@ class Watchdog:
             return
         if not lock.released:
             lock.report_lost(LockLost(f"lock {lock.key!r} was held past max_hold={lock.max_hold}s", key=lock.key))
+
+
+def _run_job(job: Callable[[], None]) -> None:
+    try:
+        job()
+    except Exception:
+        logger.exception("watchdog job %r failed", job)
 
 
 def _alive(lock: Renewable | None) -> bool:

@@ -47,7 +47,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[SentinelStack]:
 
 
 def busy_count(stack: SentinelStack, task: str) -> int:
-    """How many times ``task`` found its key held, as the lock scripts counted it."""
+    """How many times ``task`` found its key held, as the counters say."""
     return locks_for(stack.app).redlock.stats().get(task, {}).get("busy", 0)
 
 
