@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import pytest
+from support.cluster import ClusterTopology
 from support.redis_servers import ClusterFactory, RedisCluster, RedisServer
 from support.sentinel import SentinelTopology
 
@@ -120,3 +121,27 @@ def sentinel_topology() -> Iterator[SentinelTopology]:
     """
     with SentinelTopology() as topology:
         yield topology
+
+
+# -- Redis Cluster: three masters and a replica of each -------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[ClusterTopology]:
+    """A Redis Cluster of three masters and a replica of each, all on loopback, shared by a test module.
+
+    ``redis_cluster.url`` (``redis+cluster://...``), ``.client()`` and
+    ``.master_for_key(key)`` say where things are; ``.failover(slot)`` and
+    ``.kill_master(slot)`` switch a slot to its replica (see
+    :mod:`support.cluster`).  About two seconds to start, so one per module:
+    a test that leaves it broken should ask for ``clean_redis_cluster``.
+    """
+    with ClusterTopology() as topology:
+        yield topology
+
+
+@pytest.fixture
+def clean_redis_cluster(redis_cluster: ClusterTopology) -> ClusterTopology:
+    """The module's ``redis_cluster``, healed (killed nodes restarted, paused ones resumed) and emptied."""
+    redis_cluster.heal()
+    return redis_cluster

