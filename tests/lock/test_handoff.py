@@ -1,17 +1,34 @@
-"""The handoff queue of the lock core, against a real redis-server."""
+"""The handoff queue of the lock core, against a real redis-server and a real Redis Cluster.
+
+Every test runs on both: on the Cluster the key's lock, queue, parked
+payloads, queue index and fencing counter share one hash slot, and the sweep
+finds queues on every master.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from support.redis_servers import RedisCluster
 
 from celery_dlock import AlreadyClaimed, HandoffQueue, LockBusy, QueueFull, Redlock
 from celery_dlock.testing.polling import wait_until
 
 
+@pytest.fixture(params=["node", "cluster"])
+def queue(request: pytest.FixtureRequest) -> HandoffQueue:
+    if request.param == "cluster":
+        return HandoffQueue(Redlock(request.getfixturevalue("clean_redis_cluster").url))
+    return HandoffQueue(Redlock(request.getfixturevalue("redis_node1").urls))
+
+
 @pytest.fixture
-def queue(redis_node1: RedisCluster) -> HandoffQueue:
-    return HandoffQueue(Redlock(redis_node1.urls))
+def client(queue: HandoffQueue) -> Any:
+    """A redis-py client of the queue's node (on a Cluster, one that follows its slots)."""
+    (node,) = queue.redlock.nodes
+    made = node.client(5)
+    yield made
+    made.close()
 
 
 def test_release_hands_the_key_to_parked_tickets_in_order(queue: HandoffQueue) -> None:
@@ -51,25 +68,25 @@ def test_a_payload_delivered_twice_runs_once(queue: HandoffQueue) -> None:
         queue.acquire("dup", ttl=5, ticket="t1")
 
 
-def test_a_lost_handoff_is_handed_off_again(queue: HandoffQueue, redis_node1: RedisCluster) -> None:
+def test_a_lost_handoff_is_handed_off_again(queue: HandoffQueue, client: Any) -> None:
     holder = queue.acquire("lost", ttl=0.3)
     queue.park("lost", "t1", b"x", max_queued=10)
     holder.release()  # reserved for t1 for 0.3 s, but nobody publishes it
     assert holder.handoff is not None
-    client = redis_node1[0].client()
-    assert client.hget("dlock:lock:lost", "owner") == b"park:t1"
+    name = queue.redlock.keyspace.lock("lost")
+    assert client.hget(name, "owner") == b"park:t1"
     assert queue.sweep(5) == [], "the reservation still stands"
-    wait_until(lambda: not client.exists("dlock:lock:lost"), 5, interval=0.01, message="the reservation to run out")
+    wait_until(lambda: not client.exists(name), 5, interval=0.01, message="the reservation to run out")
     (again,) = queue.sweep(5)
     assert (again.ticket, again.payload) == ("t1", b"x")
     queue.acquire("lost", ttl=5, ticket="t1").release()
     assert queue.sweep(5) == []
 
 
-def test_a_newcomer_hands_off_stranded_tickets_first(queue: HandoffQueue, redis_node1: RedisCluster) -> None:
+def test_a_newcomer_hands_off_stranded_tickets_first(queue: HandoffQueue, client: Any) -> None:
     holder = queue.acquire("stranded", ttl=5)
     queue.park("stranded", "old", b"old", max_queued=10)
-    redis_node1[0].client().delete("dlock:lock:stranded")  # the holder died and its lease ran out
+    client.delete(queue.redlock.keyspace.lock("stranded"))  # the holder died and its lease ran out
     with pytest.raises(LockBusy) as caught:
         queue.acquire("stranded", ttl=5)
     handoff = caught.value.handoff  # type: ignore[attr-defined]
