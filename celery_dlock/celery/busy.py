@@ -19,7 +19,7 @@ from celery.utils.log import get_task_logger
 from ..lock.errors import DLockError, LockBusy, LockUnavailable, TaskSkipped
 from ..lock.handoff import QueueFull
 from .events import Throttle, report
-from .headers import REQUEUES_HEADER, TICKET_HEADER
+from .headers import REQUEUES_HEADER, TICKET_HEADER, lineage
 from .options import Policy
 
 __all__ = ["backoff", "on_busy", "outside_worker", "requeue"]
@@ -73,7 +73,9 @@ def requeue(
         return _give_up(cause, done, policy.max_requeues)
     countdown = backoff(done, policy)
     headers[REQUEUES_HEADER] = done + 1
-    task.signature_from_request(request, countdown=countdown, headers=headers).apply_async()
+    headers.update(lineage(request))
+    # The copy is this same task (same id), not a child of this run.
+    task.signature_from_request(request, countdown=countdown, headers=headers).apply_async(add_to_parent=False)
     logger.info("requeued in %.2fs (%d/%d): %s", countdown, done + 1, policy.max_requeues, cause)
     if isinstance(cause, LockUnavailable):
         held = _unreachable.ready()
