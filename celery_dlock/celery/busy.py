@@ -18,7 +18,7 @@ from celery.utils.log import get_task_logger
 
 from ..lock.errors import DLockError, LockBusy, LockUnavailable, TaskSkipped
 from ..lock.handoff import QueueFull
-from .events import Throttle, report
+from .events import Throttle, report, store_outcome
 from .headers import REQUEUES_HEADER, TICKET_HEADER, lineage
 from .options import Policy
 
@@ -99,9 +99,8 @@ def _skip(task: Task | None, app: Celery, request: Context | None, busy: LockBus
     if direct or task is None or request is None:
         return skipped
     logger.warning("skipped: %s", skipped)
-    if not request.ignore_result and not task.ignore_result:
-        task.backend.store_result(request.id, skipped, states.FAILURE, request=request)
-    report(app, task, request, "skipped", key=busy.key, holder=busy.holder)
+    report(app, task, request, "skipped", key=busy.key, holder=busy.holder, exception=repr(skipped))
+    store_outcome(app, task, request, states.FAILURE, skipped)
     return _ignored()
 
 
