@@ -30,7 +30,7 @@ from ..lock.errors import DLockError
 from ..lock.lease import Lock
 from .app_state import locks_for
 
-__all__ = ["LossReporter", "Throttle", "describe", "report", "send_task_event", "store_outcome"]
+__all__ = ["LossReporter", "Throttle", "describe", "log_prefix", "report", "send_task_event", "store_outcome"]
 
 logger = logging.getLogger(__name__)
 task_logger = get_task_logger(__name__)
@@ -69,6 +69,16 @@ def store_outcome(app: Celery, task: Task, request: Context, state: str, value: 
         send_task_event(app, "task-succeeded", uuid=uuid, hostname=hostname, result=saferepr(value), runtime=None)
 
 
+def log_prefix(task: Task | None, task_id: str | None) -> dict[str, str]:
+    """The ``extra=`` that gives a task log line logged outside the run its ``name[id]`` prefix.
+
+    Celery's task log format starts with ``%(task_name)s[%(task_id)s]``, read
+    from the task running in the logging thread, or ``???`` where there is
+    none, as in the watchdog's thread; fields given in ``extra`` come first.
+    """
+    return {"task_name": getattr(task, "name", None) or "<direct call>", "task_id": task_id or "-"}
+
+
 def describe(task: Task | None, task_id: str | None) -> str:
     """``name[id]`` of a run, for log lines."""
     name = getattr(task, "name", None) or "<direct call>"
@@ -83,7 +93,13 @@ class LossReporter:
 
     def __call__(self, lock: Lock, error: DLockError) -> None:
         """Log, count and announce the loss, then call the task's ``on_lock_lost``."""
-        task_logger.warning("lock %r of %s lost mid-body: %s", lock.key, describe(self.task, self.task_id), error)
+        task_logger.warning(
+            "lock %r of %s lost mid-body: %s",
+            lock.key,
+            describe(self.task, self.task_id),
+            error,
+            extra=log_prefix(self.task, self.task_id),
+        )
         if lock.count_as:
             locks_for(self.app).redlock.count(lock.count_as, "lost")
         send_task_event(
