@@ -18,8 +18,8 @@ from celery.utils.log import get_task_logger
 
 from ..lock.errors import DLockError, LockBusy, LockUnavailable, TaskSkipped
 from ..lock.handoff import QueueFull
-from .events import Throttle, report
-from .headers import REQUEUES_HEADER, TICKET_HEADER
+from .events import Throttle, report, store_outcome
+from .headers import REQUEUES_HEADER, TICKET_HEADER, lineage
 from .options import Policy
 
 __all__ = ["backoff", "on_busy", "outside_worker", "requeue"]
@@ -73,7 +73,9 @@ def requeue(
         return _give_up(cause, done, policy.max_requeues)
     countdown = backoff(done, policy)
     headers[REQUEUES_HEADER] = done + 1
-    task.signature_from_request(request, countdown=countdown, headers=headers).apply_async()
+    headers.update(lineage(request))
+    # The copy is this same task (same id), not a child of this run.
+    task.signature_from_request(request, countdown=countdown, headers=headers).apply_async(add_to_parent=False)
     logger.info("requeued in %.2fs (%d/%d): %s", countdown, done + 1, policy.max_requeues, cause)
     if isinstance(cause, LockUnavailable):
         held = _unreachable.ready()
@@ -97,9 +99,8 @@ def _skip(task: Task | None, app: Celery, request: Context | None, busy: LockBus
     if direct or task is None or request is None:
         return skipped
     logger.warning("skipped: %s", skipped)
-    if not request.ignore_result and not task.ignore_result:
-        task.backend.store_result(request.id, skipped, states.FAILURE, request=request)
-    report(app, task, request, "skipped", key=busy.key, holder=busy.holder)
+    report(app, task, request, "skipped", key=busy.key, holder=busy.holder, exception=repr(skipped))
+    store_outcome(app, task, request, states.FAILURE, skipped)
     return _ignored()
 
 

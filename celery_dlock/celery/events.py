@@ -4,6 +4,14 @@
 ``task-coalesced`` and ``task-lock-lost`` reach Flower and ``celery events``
 like Celery's own task events, and are sent only when those are
 (``worker_send_task_events``, or ``celery worker -E``).
+
+Flower keeps only the fields it knows of a task event (those of
+``celery.events.state.Task``), so what it must show goes in one of them:
+``task-coalesced`` carries the serving run's id in ``result`` as well as in
+``into``.  A run that ends without its body running, with a state stored in
+the result backend (a skip's FAILURE, a coalesce's SUCCESS), is followed by
+the ``task-failed`` or ``task-succeeded`` event Celery would have sent, so
+that Flower's final state is the backend's (:func:`store_outcome`).
 """
 
 from __future__ import annotations
@@ -13,15 +21,16 @@ import threading
 import time
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, states
 from celery.app.task import Context
 from celery.utils.log import get_task_logger
+from celery.utils.saferepr import saferepr
 
 from ..lock.errors import DLockError
 from ..lock.lease import Lock
 from .app_state import locks_for
 
-__all__ = ["LossReporter", "Throttle", "describe", "report", "send_task_event"]
+__all__ = ["LossReporter", "Throttle", "describe", "log_prefix", "report", "send_task_event", "store_outcome"]
 
 logger = logging.getLogger(__name__)
 task_logger = get_task_logger(__name__)
@@ -44,6 +53,32 @@ def report(app: Celery, task: Task, request: Context, what: str, **fields: Any) 
     send_task_event(app, f"task-{what}", uuid=request.id, hostname=request.hostname, **fields)
 
 
+def store_outcome(app: Celery, task: Task, request: Context, state: str, value: Any) -> None:
+    """Store ``value`` as the result of a run that ends unrun, and tell monitors as Celery would.
+
+    ``state`` is ``FAILURE`` (``value`` an exception) or ``SUCCESS``.  Nothing
+    is stored or sent when the run's result is ignored.
+    """
+    if request.ignore_result or task.ignore_result:
+        return
+    task.backend.store_result(request.id, value, state, request=request)
+    uuid, hostname = request.id, request.hostname
+    if state == states.FAILURE:
+        send_task_event(app, "task-failed", uuid=uuid, hostname=hostname, exception=saferepr(value), traceback=None)
+    else:
+        send_task_event(app, "task-succeeded", uuid=uuid, hostname=hostname, result=saferepr(value), runtime=None)
+
+
+def log_prefix(task: Task | None, task_id: str | None) -> dict[str, str]:
+    """The ``extra=`` that gives a task log line logged outside the run its ``name[id]`` prefix.
+
+    Celery's task log format starts with ``%(task_name)s[%(task_id)s]``, read
+    from the task running in the logging thread, or ``???`` where there is
+    none, as in the watchdog's thread; fields given in ``extra`` come first.
+    """
+    return {"task_name": getattr(task, "name", None) or "<direct call>", "task_id": task_id or "-"}
+
+
 def describe(task: Task | None, task_id: str | None) -> str:
     """``name[id]`` of a run, for log lines."""
     name = getattr(task, "name", None) or "<direct call>"
@@ -58,7 +93,13 @@ class LossReporter:
 
     def __call__(self, lock: Lock, error: DLockError) -> None:
         """Log, count and announce the loss, then call the task's ``on_lock_lost``."""
-        task_logger.warning("lock %r of %s lost mid-body: %s", lock.key, describe(self.task, self.task_id), error)
+        task_logger.warning(
+            "lock %r of %s lost mid-body: %s",
+            lock.key,
+            describe(self.task, self.task_id),
+            error,
+            extra=log_prefix(self.task, self.task_id),
+        )
         if lock.count_as:
             locks_for(self.app).redlock.count(lock.count_as, "lost")
         send_task_event(

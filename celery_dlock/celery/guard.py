@@ -32,7 +32,7 @@ from ..lock.handoff import AlreadyClaimed, HandoffPending, QueuedLock
 from ..lock.lease import Lock
 from .app_state import AppLocks, locks_for
 from .busy import on_busy, outside_worker, requeue
-from .events import LossReporter, describe, report, send_task_event
+from .events import LossReporter, describe, report, send_task_event, store_outcome
 from .handoffs import hand_on, message_of, publish_handoff, ticket_of
 from .headers import BEAT_SLOT_HEADER
 from .keys import KeySpec
@@ -283,9 +283,11 @@ class SingleFlight:
             return False
         if rider != request.id:
             logger.info("coalesced into %s[%s]: %s", task.name, rider, busy)
-            if not request.ignore_result and not task.ignore_result:
-                task.backend.store_result(request.id, {"coalesced_into": rider}, states.SUCCESS, request=request)
-            report(app, task, request, "coalesced", key=key, into=rider)
+            served = {"coalesced_into": rider}
+            # Flower keeps only the fields it knows of an event: ``into`` is
+            # for other receivers, ``result`` is what Flower shows.
+            report(app, task, request, "coalesced", key=key, into=rider, result=repr(served))
+            store_outcome(app, task, request, states.SUCCESS, served)
         else:
             logger.info("parked behind the holder of %r: %s", key, busy)
             report(app, task, request, "parked", key=key)

@@ -18,7 +18,7 @@ from kombu.utils.json import loads as json_loads
 from ..lock.faults import fault_point
 from ..lock.handoff import Handoff
 from .app_state import locks_for
-from .headers import TICKET_HEADER
+from .headers import TICKET_HEADER, lineage
 
 __all__ = ["hand_on", "hand_on_stranded", "message_of", "publish_handoff", "ticket_of"]
 
@@ -34,7 +34,8 @@ def publish_handoff(app: Celery, handoff: Handoff) -> None:
     headers = dict(options.pop("headers", None) or {})
     headers[TICKET_HEADER] = f"{handoff.ticket}@{options.get('retries', 0)}"
     options.pop("task_id", None)
-    signature.apply_async(task_id=handoff.ticket, headers=headers, **options)
+    # Published from the holder's release: the copy is the parked task, not the holder's child.
+    signature.apply_async(task_id=handoff.ticket, headers=headers, add_to_parent=False, **options)
 
 
 def hand_on(app: Celery, handoff: Handoff) -> None:
@@ -57,6 +58,7 @@ def message_of(task: Task, request: Context) -> bytes:
     options = dict(message.get("options") or {})
     headers = dict(options.get("headers") or {})
     headers.pop(TICKET_HEADER, None)
+    headers.update(lineage(request))
     options["headers"] = headers
     options.pop("task_id", None)
     message["options"] = options

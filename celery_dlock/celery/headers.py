@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["BEAT_ENTRY_HEADER", "BEAT_SLOT_HEADER", "REQUEUES_HEADER", "TICKET_HEADER"]
+from celery.app.task import Context
+
+__all__ = ["BEAT_ENTRY_HEADER", "BEAT_SLOT_HEADER", "REQUEUES_HEADER", "TICKET_HEADER", "lineage"]
 
 #: Counts lock-busy requeues of one message, apart from ``retries``.
 REQUEUES_HEADER: Final = "dlock_requeues"
@@ -24,3 +26,16 @@ BEAT_ENTRY_HEADER: Final = "dlock_beat_entry"
 #: The slot (its instant, UTC ISO 8601) of a run published by the multi-beat
 #: scheduler; ``single_flight(hold=period)`` reads it to place the run in its period.
 BEAT_SLOT_HEADER: Final = "dlock_beat_slot"
+
+
+def lineage(request: Context) -> dict[str, str | None]:
+    """The ``parent_id`` and ``root_id`` headers of a copy of the run ``request``: the run's own.
+
+    A requeued or handed-off copy keeps the run's task id, and is published
+    from inside a run (the original, or the holder it was parked behind).
+    Left unset, Celery makes that running task the copy's parent
+    (``app.send_task`` falls back to ``current_worker_task``), so Flower
+    showed a requeued task as its own parent and child.  These two Celery
+    protocol headers, passed in ``headers=``, override that fallback.
+    """
+    return {"parent_id": request.parent_id, "root_id": request.root_id or request.id}

@@ -355,6 +355,14 @@ def coalesce_section(self: Task, key: str, n: int, flag: str | None = None) -> d
     return delivery(self, n=n)
 
 
+@app.task(name="wa.coalesce_unstored", bind=True, ignore_result=True)
+@single_flight(key="{key}", ttl=30, on_busy="coalesce")
+def coalesce_unstored(self: Task, key: str, n: int, flag: str | None = None) -> None:
+    # No result is stored: what monitors learn of a coalesce is its event alone.
+    with section(self, key):
+        wait_for_flag(flag)
+
+
 @app.task(name="wa.queue_small", bind=True)
 @single_flight(key="{key}", ttl=30, on_busy="queue", max_queued=3)
 def queue_small(self: Task, key: str, flag: str | None = None) -> dict[str, Any]:
