@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from support.redis_servers import RedisCluster
 
 from celery_dlock import AlreadyClaimed, HandoffQueue, LockBusy, QueueFull, Redlock
 from celery_dlock.testing.polling import wait_until
