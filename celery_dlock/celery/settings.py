@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Final
 
 from ..lock.addresses import mask_url, parse_url
+from ..lock.cluster import CLUSTER_SCHEMES, is_cluster_url, parse_cluster_url
 from ..lock.errors import ConfigurationError
 from ..lock.keyspace import DEFAULT_PREFIX
 from ..lock.validation import check_choice, check_int, check_number, check_text
@@ -290,17 +291,19 @@ def broker_visibility_timeout(conf: Any) -> float | None:
 
 
 def check_redis_url(name: str, value: Any) -> tuple[str, ...]:
-    """One URL or a non-empty list of them: ``redis://``, ``rediss://``, ``unix://`` or ``sentinel://``."""
+    """One URL or a non-empty list of them: ``redis://``, ``rediss://``, ``unix://``, ``sentinel://`` or ``redis+cluster://``."""
     urls = [value] if isinstance(value, str) else value
     if not isinstance(urls, (list, tuple)) or not urls:
         raise ConfigurationError(f"{name}: expected a Redis URL or a non-empty list of them, got {value!r}")
     for url in urls:
         if _is_sentinel(url):
             continue  # parsed when the node is made, once its master name is known
-        if not isinstance(url, str) or url.split("://", 1)[0] not in REDIS_SCHEMES:
-            raise ConfigurationError(f"{name}: {url!r} is not a redis://, rediss://, unix:// or sentinel:// URL")
+        if not isinstance(url, str) or url.split("://", 1)[0] not in (*REDIS_SCHEMES, *CLUSTER_SCHEMES):
+            raise ConfigurationError(
+                f"{name}: {url!r} is not a redis://, rediss://, unix://, sentinel:// or redis+cluster:// URL"
+            )
         try:
-            parse_url(url)
+            parse_cluster_url(url) if is_cluster_url(url) else parse_url(url)
         except ValueError as exc:
             raise ConfigurationError(f"{name}: {exc}".replace("nodes: ", "")) from None
     return tuple(urls)

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TypeGuard
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import redis
 from redis.cluster import RedisCluster
@@ -30,7 +30,7 @@ from .keyspace import SLOTS, key_slot
 from .nodes import NO_REPLY, Connection, Member, Node, Reply
 from .resp import first_key, pack
 
-__all__ = ["CLUSTER_SCHEMES", "ClusterNode", "is_cluster_url", "member"]
+__all__ = ["CLUSTER_SCHEMES", "ClusterNode", "is_cluster_url", "member", "parse_cluster_url"]
 
 #: The URL schemes of a Redis Cluster: ``redis+cluster://h1:7000,h2:7001``.
 CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
@@ -70,21 +70,15 @@ class ClusterNode:
     """
 
     def __init__(self, url: str, *, socket_timeout: float, preload: Sequence[str] = ()) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in CLUSTER_SCHEMES:
-            raise ValueError(f"nodes: {mask_url(url)!r} is not a Redis Cluster URL ({' or '.join(CLUSTER_SCHEMES)})")
-        userinfo, _, hosts = parts.netloc.rpartition("@")
-        if parts.path.strip("/") not in ("", "0"):
-            raise ValueError(
-                f"nodes: {mask_url(url)!r} names database {parts.path.strip('/')}; a Redis Cluster has only 0"
-            )
+        parts, addresses = parse_cluster_url(url)
+        userinfo = parts.netloc.rpartition("@")[0]
         self._scheme = parts.scheme.split("+", 1)[0]
         self._userinfo = f"{userinfo}@" if userinfo else ""
         self._query = f"?{parts.query}" if parts.query else ""
         self._socket_timeout = socket_timeout
         self._preload = tuple(preload)
         self._masters: dict[str, Node] = {}
-        self._startup = [self._master(address) for address in _addresses(url, hosts)]
+        self._startup = [self._master(address) for address in addresses]
         self._slots: list[Node | None] = [None] * SLOTS
         self._stale = True
         self._refreshed_at = 0.0
@@ -238,7 +232,15 @@ class ClusterNode:
         return node
 
 
-def _addresses(url: str, hosts: str) -> list[str]:
+def parse_cluster_url(url: str) -> tuple[SplitResult, list[str]]:
+    """The parts of a Redis Cluster URL and its ``host:port`` starting points; ``ValueError`` naming ``nodes``."""
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"nodes: {mask_url(url)!r} is not a Redis Cluster URL ({' or '.join(CLUSTER_SCHEMES)})")
+    db = parts.path.strip("/")
+    if db not in ("", "0"):
+        raise ValueError(f"nodes: {mask_url(url)!r} names database {db}; a Redis Cluster has only database 0")
+    hosts = parts.netloc.rpartition("@")[2]
     addresses = [part.strip() for part in hosts.split(",") if part.strip()]
     if not addresses:
         raise ValueError(f"nodes: {mask_url(url)!r} names no host of the Cluster")
@@ -246,4 +248,4 @@ def _addresses(url: str, hosts: str) -> list[str]:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"nodes: malformed Redis Cluster URL {mask_url(url)!r}: each host is host:port")
-    return addresses
+    return parts, addresses

@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
 from redis.sentinel import SentinelConnectionPool
 
@@ -133,8 +134,10 @@ def check_unknown_settings(conf: Any) -> list[Check]:
     ]
 
 
-def check_node(name: str, client: redis.Redis, settings: Settings, longest_lease: float) -> list[Check]:
-    """Reachability, then topology, persistence and eviction policy, of one node."""
+def check_node(name: str, client: redis.Redis | RedisCluster, settings: Settings, longest_lease: float) -> list[Check]:
+    """Reachability, then topology, persistence and eviction policy, of one node (of each master of a Cluster)."""
+    if isinstance(client, RedisCluster):
+        return check_cluster(name, client, settings, longest_lease)
     try:
         client.ping()  # connects
         started = time.monotonic()
@@ -160,6 +163,33 @@ def check_node(name: str, client: redis.Redis, settings: Settings, longest_lease
         check_persistence(name, client, longest_lease),
         check_eviction(name, client),
     ]
+
+
+def check_cluster(name: str, client: RedisCluster, settings: Settings, longest_lease: float) -> list[Check]:
+    """A Redis Cluster: its state and masters (a WARN: failovers are asynchronous), then each master as a node."""
+    try:
+        state = client.cluster_info().get("cluster_state")
+        masters = client.get_primaries()  # type: ignore[no-untyped-call]
+        replicas = len(client.get_replicas())  # type: ignore[no-untyped-call]
+    except RedisError as exc:
+        return [Check("node", Verdict.FAIL, f"unreachable: {exc}", name)]
+    if state != "ok":
+        return [Check("topology", Verdict.FAIL, f"cluster_state is {state}: some slots are not served", name)]
+    checks = [
+        Check(
+            "topology",
+            Verdict.WARN,
+            f"Redis Cluster of {len(masters)} masters with {replicas} replica(s): replication is asynchronous, "
+            "so a failover of a slot's master can forget a granted lock and grant it again (see "
+            "docs/guarantees.md, 'no node forgets a lock')",
+            name,
+        )
+    ]
+    for master in masters:
+        where = f"{name} master {master.host}:{master.port}"
+        node_checks = check_node(where, master.redis_connection, settings, longest_lease)
+        checks += [check for check in node_checks if check.name != "topology"]
+    return checks
 
 
 def check_topology(name: str, client: redis.Redis) -> Check:

@@ -204,7 +204,7 @@ def _task_of(payload: bytes | str | None) -> str | None:
 
 
 @contextmanager
-def connected(locks: AppLocks, timeout: float) -> Iterator[list[tuple[str, redis.Redis]]]:
+def connected(locks: AppLocks, timeout: float) -> Iterator[list[tuple[str, Any]]]:
     """One client per node, named without its password, closed on exit.
 
     Each is made from the node's own connection settings (see

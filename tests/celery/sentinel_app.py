@@ -13,10 +13,9 @@ imports :mod:`worker_app`, whose broker and result backend are the
   ``explicit`` sets ``dlock_redis_url`` (``DLOCK_TEST_LOCK_URLS``) and
   ``dlock_sentinel_master``.
 
-It also registers one task per busy policy, ``sa.<policy>``, whose body
-records its run with :func:`worker_app.section` and holds its key until the
-test sets the recorder key ``flag`` (if given), and ``sa.lock_address``,
-which says where the worker's locks live and which setting said so.
+It has :mod:`policy_app`'s task per busy policy, ``sa.<policy>``, and
+``sa.lock_address``, which says where the worker's locks live and which
+setting said so.
 """
 
 from __future__ import annotations
@@ -24,13 +23,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import Task
+from policy_app import POLICY_TASKS
 from support.sentinel import ENV_LOCK_SOURCE, ENV_SENTINEL_MASTER, sentinel_conf
-from worker_app import BROKER_URL, app, delivery, section, wait_for_flag
+from worker_app import BROKER_URL, app
 
-from celery_dlock import single_flight
 from celery_dlock.celery.app_state import locks_for
-from celery_dlock.celery.settings import BUSY_POLICIES, lock_address
+from celery_dlock.celery.settings import lock_address
+
+__all__ = ["POLICY_TASKS", "app", "lock_address_in_use"]
 
 MASTER_NAME = os.environ[ENV_SENTINEL_MASTER]
 
@@ -39,21 +39,6 @@ if os.environ.get(ENV_LOCK_SOURCE) == "broker":
     app.conf.dlock_redis_url = None
 else:
     app.conf.dlock_sentinel_master = MASTER_NAME
-
-
-def _policy_task(policy: str) -> Task:
-    @app.task(name=f"sa.{policy}", bind=True)
-    @single_flight(key="{key}", ttl=30, on_busy=policy, wait_timeout=30)
-    def body(self: Task, key: str, flag: str | None = None, n: int = 0) -> dict[str, Any]:
-        with section(self, key):
-            wait_for_flag(flag)
-        return delivery(self, n=n)
-
-    return body
-
-
-#: ``sa.requeue``, ``sa.skip``, ``sa.wait``, ``sa.raise``, ``sa.queue`` and ``sa.coalesce``.
-POLICY_TASKS = {policy: _policy_task(policy) for policy in BUSY_POLICIES}
 
 
 @app.task(name="sa.lock_address")

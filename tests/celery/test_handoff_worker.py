@@ -187,7 +187,7 @@ def start_holder(stack: Stack, name: str, key: str, flag: str, **options: Any) -
 
 def wait_parked(stack: Stack, key: str, count: int, timeout: float = 20.0) -> list[str]:
     """Wait until ``count`` tickets are parked on ``key``; returns them, oldest first."""
-    queue = f"{KEY_PREFIX}queue:{key}"
+    queue = stack.keyspace.queue(key)
     wait_until(
         lambda: stack.locks.llen(queue) >= count,
         timeout,

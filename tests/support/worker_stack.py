@@ -23,7 +23,10 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.result import AsyncResult
+from redis.cluster import RedisCluster
 
+from celery_dlock.lock.cluster import is_cluster_url
+from celery_dlock.lock.keyspace import Keyspace
 from celery_dlock.testing.polling import wait_until
 from celery_dlock.testing.process import log_tails
 from celery_dlock.testing.redis_process import HOST
@@ -54,7 +57,9 @@ class Stack:
         self.app = Celery("dlock-test-client", broker=self.broker.url, backend=self.broker.url, set_as_current=False)
         self.app.conf.broker_connection_retry_on_startup = True
         self.recorder = redis.Redis.from_url(self.recorder_url)
-        self.locks = redis.Redis.from_url(self.lock_urls[0], socket_timeout=1, socket_connect_timeout=1)
+        #: The names of the lock keys, laid out for a Cluster if the first lock node is one.
+        self.keyspace = Keyspace(KEY_PREFIX, clustered=is_cluster_url(self.lock_urls[0]))
+        self.locks = lock_client(self.lock_urls[0])
 
     @property
     def recorder_url(self) -> str:
@@ -109,13 +114,13 @@ class Stack:
         )
 
     def lock_exists(self, key: str) -> bool:
-        return bool(self.locks.exists(f"{KEY_PREFIX}lock:{key}"))
+        return bool(self.locks.exists(self.keyspace.lock(key)))
 
     def lock_pttl(self, key: str) -> int:
-        return int(self.locks.pttl(f"{KEY_PREFIX}lock:{key}"))
+        return int(self.locks.pttl(self.keyspace.lock(key)))
 
     def lock_token(self, key: str) -> int | None:
-        token = self.locks.hget(f"{KEY_PREFIX}lock:{key}", "token")
+        token = self.locks.hget(self.keyspace.lock(key), "token")
         return None if token is None else int(token)
 
     def wait_lock_gone(self, key: str, timeout: float, since: float | None = None) -> float:
@@ -132,6 +137,13 @@ class Stack:
 
     def logs(self, lines: int = 30) -> str:
         return log_tails(self.workers, lines)
+
+
+def lock_client(url: str) -> Any:
+    """A redis-py client of the lock node at ``url``: for a Redis Cluster, one that follows its slots."""
+    if is_cluster_url(url):
+        return RedisCluster.from_url(url.replace("+cluster", "", 1), socket_timeout=1, socket_connect_timeout=1)
+    return redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
 
 
 @contextmanager
