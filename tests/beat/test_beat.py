@@ -66,10 +66,25 @@ SCHEDULE_FILE = re.compile(r"beat: schedule file (\S+);")
 
 
 class Beat(ManagedProcess):
-    """One ``python -m celery -A beat_app beat`` with the multi-beat scheduler, in its own session."""
+    """One ``python -m celery -A beat_app beat`` with the multi-beat scheduler, in its own session.
 
-    def __init__(self, name: str, *, cwd: Path, env: dict[str, str]) -> None:
-        command = [sys.executable, "-m", "celery", "-A", "beat_app", "beat", "-S", SCHEDULER, "-l", "INFO"]
+    ``app`` and ``scheduler`` run another app, or another ``-S`` (none: the app's own ``beat_scheduler``).
+    """
+
+    def __init__(
+        self, name: str, *, cwd: Path, env: dict[str, str], app: str = "beat_app", scheduler: str | None = SCHEDULER
+    ) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "beat",
+            *(["-S", scheduler] if scheduler else []),
+            "-l",
+            "INFO",
+        ]
         super().__init__(command, log_path=cwd / f"{name}.log", cwd=cwd, env=env, name=name)
         self.cwd = cwd
         self.schedule_file: str | None = None
@@ -159,9 +174,11 @@ class BeatGroup:
         # Claims outlive their beats: each test keeps its own.
         self.env = {"DLOCK_TEST_RUN": self.run, "DLOCK_TEST_KEY_PREFIX": f"dlock:{self.run}:", **env}
         self.beats: list[Beat] = []
+        #: More arguments of every :class:`Beat`: another ``app`` or ``scheduler``.
+        self.beat_options: dict[str, Any] = {}
 
     def start(self, name: str, **env: Any) -> Beat:
-        beat = Beat(name, cwd=self.cwd, env=self.services.env(**{**self.env, **env}))
+        beat = Beat(name, cwd=self.cwd, env=self.services.env(**{**self.env, **env}), **self.beat_options)
         self.beats.append(beat)
         return beat.start()
 
