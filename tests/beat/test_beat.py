@@ -280,6 +280,35 @@ def check_bookkeeping(beat: Beat, entry: str, step: float, *, fresh: bool = True
     return handled
 
 
+def two_beats_one_killed(
+    group: BeatGroup, entry: str, ready: str, seconds: int = 14
+) -> tuple[list[Beat], Counter[str]]:
+    """Two beats; SIGKILL the one that sent the latest ``entry`` run, halfway; each slot ran once.
+
+    ``ready`` is what a beat logs once it has set up its schedule.  Returns
+    the beats (the victim first) and the runs per slot.
+    """
+    beats = [group.start(f"beat{n}") for n in (1, 2)]
+    for beat in beats:
+        beat.wait_for_log(ready, timeout=60)
+    first = math.floor(time.time()) + 2
+    last = first + seconds
+
+    sleep_until(time.time, first + seconds / 2 - 0.5)  # mid-slot
+    victim = max(beats, key=lambda beat: max(beat.sent(entry), default=""))
+    assert victim.sent(entry), f"no beat has sent anything yet:\n{group.logs()}"
+    victim.kill()
+    killed_at = time.time()
+    survivor = next(beat for beat in beats if beat is not victim)
+
+    sleep_until(time.time, last + 0.5)
+    group.stop()
+    runs = check_exactly_once(group, entry, [first + i for i in range(last - first + 1)])
+    assert all(ts(slot) <= killed_at for slot in victim.sent(entry)), "the killed beat sent after its death"
+    assert any(ts(slot) > killed_at for slot in survivor.sent(entry)), "the survivor sent nothing after the kill"
+    return [victim, survivor], runs
+
+
 # -- real beats --------------------------------------------------------------------------
 
 

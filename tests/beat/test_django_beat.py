@@ -13,19 +13,17 @@ The beats, the services and the checks are ``test_beat``'s.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.paths import REPO_DIR, import_path
 from support.workers import CeleryWorker
-from test_beat import BeatGroup, Services, check_exactly_once, services, sleep_until, ts
+from test_beat import BeatGroup, Services, services, two_beats_one_killed
 
 from celery_dlock.testing.process import python_environment
 
@@ -114,7 +112,7 @@ def test_config_from_django_settings_reads_celery_dlock_settings(services: Servi
 def test_two_database_beats_publish_each_tick_once_across_a_kill(
     services: Services, django_group: BeatGroup, tmp_path: Path
 ) -> None:
-    """Two beats on one SQLite schedule; SIGKILL the one that sent the latest tick, halfway."""
+    """Two beats on one SQLite schedule; SIGKILL the one that sent the latest tick, halfway; the row counts runs."""
     group = django_group
     worker = CeleryWorker(
         broker_url=services.broker_url,
@@ -128,27 +126,10 @@ def test_two_database_beats_publish_each_tick_once_across_a_kill(
     )
     worker.start()
     try:
-        beats = [group.start(f"beat{n}") for n in (1, 2)]
-        for beat in beats:
-            beat.wait_for_log(r"beat: ClaimingDatabaseScheduler; claims on", timeout=60)
-        first = math.floor(time.time()) + 2
-        last = first + 14
-
-        sleep_until(time.time, first + 6.5)  # mid-slot
-        victim = max(beats, key=lambda beat: max(beat.sent(ENTRY), default=""))
-        assert victim.sent(ENTRY), f"no beat has sent anything yet:\n{group.logs()}"
-        victim.kill()
-        killed_at = time.time()
-        survivor = next(beat for beat in beats if beat is not victim)
-
-        sleep_until(time.time, last + 0.5)
-        group.stop()
-        runs = check_exactly_once(group, ENTRY, [first + i for i in range(last - first + 1)])
+        beats, runs = two_beats_one_killed(group, ENTRY, r"beat: ClaimingDatabaseScheduler; claims on")
     finally:
         worker.close()
 
-    assert all(ts(slot) <= killed_at for slot in victim.sent(ENTRY))
-    assert any(ts(slot) > killed_at for slot in survivor.sent(ENTRY))
     # The row is written by the publisher alone, once per run: it counts runs, not beats.
     sent = sorted(slot for beat in beats for slot in beat.sent(ENTRY))
     count, last_run_at = row(Path(group.env["DEMO_DATABASE"]))
