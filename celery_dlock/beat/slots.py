@@ -90,6 +90,10 @@ def _locate_interval(sched: interval, now: datetime, last_run_at: datetime) -> t
 
 def _locate_instants(sched: BaseSchedule, now: datetime, last_run_at: datetime) -> tuple[datetime | None, datetime]:
     first = _next_instant(sched, last_run_at)
+    if first <= last_run_at:
+        # No instant after the last run: a one-time schedule (such as
+        # django-celery-beat's clocked) that has run.  Look again in an hour.
+        return None, now + _HOUR
     if first > now:
         return None, first
     second = _next_instant(sched, first)

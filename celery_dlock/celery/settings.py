@@ -92,6 +92,10 @@ class Settings:
     #: The most two beats' clocks may differ, in seconds, for each due run to
     #: still be published once (see :mod:`celery_dlock.beat`).
     beat_max_skew: float = 60.0
+    #: The scheduler ``celery_dlock.beat:ClaimingScheduler`` makes claim its
+    #: runs, as ``"module:Class"`` (such as django-celery-beat's
+    #: ``"django_celery_beat.schedulers:DatabaseScheduler"``).
+    beat_scheduler: str | None = None
     #: The master name for ``sentinel://`` lock URLs (Celery's ``master_name``).
     sentinel_master: str | None = None
     #: Options of ``sentinel://`` lock URLs, named as in Celery's
@@ -331,6 +335,13 @@ def _name(name: str, value: Any) -> str:
     return str(value)
 
 
+def _symbol(name: str, value: Any) -> str:
+    module, _, attribute = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if not (module and attribute and all(part.isidentifier() for part in (*module.split("."), *attribute.split(".")))):
+        raise ValueError(f'{name}: expected "module:Class", such as "celery.beat:PersistentScheduler", got {value!r}')
+    return str(value)
+
+
 def _options(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(f"{name}: expected a dict of options, got {type(value).__name__}")
@@ -355,6 +366,7 @@ CHECKS: Final[Mapping[str, Check]] = {
     "queue_full": _choice(QUEUE_FULL),
     "sweep_interval": _positive,
     "beat_max_skew": _seconds,
+    "beat_scheduler": _symbol,
     "max_hold": _positive,
     "hold": _positive,
     "sentinel_master": _name,

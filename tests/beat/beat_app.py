@@ -13,7 +13,10 @@ and ``tests/`` on the path (:func:`support.paths.import_path`).  Everything come
 * ``DLOCK_TEST_KEY_PREFIX``: ``dlock_key_prefix``, so that the claims of one
   test's beats (which outlive them) are not found by the next test's;
 * ``DLOCK_TEST_MAX_SKEW``: ``dlock_beat_max_skew``;
-* ``DLOCK_TEST_HOLD``: the ``hold`` period of :func:`held`, in seconds.
+* ``DLOCK_TEST_HOLD``: the ``hold`` period of :func:`held`, in seconds;
+* ``DLOCK_TEST_WRAPPED_SCHEDULER``: ``dlock_beat_scheduler``, for beats run
+  with ``-S celery_dlock.beat:ClaimingScheduler``; redbeat's entries then
+  live on the (first) lock node, under the key prefix.
 
 The beat's clock (``app.now``, which Celery's schedules and
 :class:`~celery_dlock.beat.MultiBeatScheduler` read) can be moved, for the
@@ -65,6 +68,11 @@ app.conf.update(
 )
 if MAX_SKEW is not None:
     app.conf.dlock_beat_max_skew = float(MAX_SKEW)
+WRAPPED = os.environ.get("DLOCK_TEST_WRAPPED_SCHEDULER")
+if WRAPPED:
+    app.conf.update(
+        dlock_beat_scheduler=WRAPPED, redbeat_redis_url=LOCK_URLS[0], redbeat_key_prefix=f"{KEY_PREFIX}redbeat:"
+    )
 
 
 def clock(real: float) -> float:

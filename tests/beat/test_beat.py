@@ -66,10 +66,25 @@ SCHEDULE_FILE = re.compile(r"beat: schedule file (\S+);")
 
 
 class Beat(ManagedProcess):
-    """One ``python -m celery -A beat_app beat`` with the multi-beat scheduler, in its own session."""
+    """One ``python -m celery -A beat_app beat`` with the multi-beat scheduler, in its own session.
 
-    def __init__(self, name: str, *, cwd: Path, env: dict[str, str]) -> None:
-        command = [sys.executable, "-m", "celery", "-A", "beat_app", "beat", "-S", SCHEDULER, "-l", "INFO"]
+    ``app`` and ``scheduler`` run another app, or another ``-S`` (none: the app's own ``beat_scheduler``).
+    """
+
+    def __init__(
+        self, name: str, *, cwd: Path, env: dict[str, str], app: str = "beat_app", scheduler: str | None = SCHEDULER
+    ) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "beat",
+            *(["-S", scheduler] if scheduler else []),
+            "-l",
+            "INFO",
+        ]
         super().__init__(command, log_path=cwd / f"{name}.log", cwd=cwd, env=env, name=name)
         self.cwd = cwd
         self.schedule_file: str | None = None
@@ -159,9 +174,11 @@ class BeatGroup:
         # Claims outlive their beats: each test keeps its own.
         self.env = {"DLOCK_TEST_RUN": self.run, "DLOCK_TEST_KEY_PREFIX": f"dlock:{self.run}:", **env}
         self.beats: list[Beat] = []
+        #: More arguments of every :class:`Beat`: another ``app`` or ``scheduler``.
+        self.beat_options: dict[str, Any] = {}
 
     def start(self, name: str, **env: Any) -> Beat:
-        beat = Beat(name, cwd=self.cwd, env=self.services.env(**{**self.env, **env}))
+        beat = Beat(name, cwd=self.cwd, env=self.services.env(**{**self.env, **env}), **self.beat_options)
         self.beats.append(beat)
         return beat.start()
 
@@ -261,6 +278,35 @@ def check_bookkeeping(beat: Beat, entry: str, step: float, *, fresh: bool = True
     else:
         assert stored.total_run_count >= len(handled), (beat.name, stored.total_run_count, len(handled))
     return handled
+
+
+def two_beats_one_killed(
+    group: BeatGroup, entry: str, ready: str, seconds: int = 14
+) -> tuple[list[Beat], Counter[str]]:
+    """Two beats; SIGKILL the one that sent the latest ``entry`` run, halfway; each slot ran once.
+
+    ``ready`` is what a beat logs once it has set up its schedule.  Returns
+    the beats (the victim first) and the runs per slot.
+    """
+    beats = [group.start(f"beat{n}") for n in (1, 2)]
+    for beat in beats:
+        beat.wait_for_log(ready, timeout=60)
+    first = math.floor(time.time()) + 2
+    last = first + seconds
+
+    sleep_until(time.time, first + seconds / 2 - 0.5)  # mid-slot
+    victim = max(beats, key=lambda beat: max(beat.sent(entry), default=""))
+    assert victim.sent(entry), f"no beat has sent anything yet:\n{group.logs()}"
+    victim.kill()
+    killed_at = time.time()
+    survivor = next(beat for beat in beats if beat is not victim)
+
+    sleep_until(time.time, last + 0.5)
+    group.stop()
+    runs = check_exactly_once(group, entry, [first + i for i in range(last - first + 1)])
+    assert all(ts(slot) <= killed_at for slot in victim.sent(entry)), "the killed beat sent after its death"
+    assert any(ts(slot) > killed_at for slot in survivor.sent(entry)), "the survivor sent nothing after the kill"
+    return [victim, survivor], runs
 
 
 # -- real beats --------------------------------------------------------------------------
