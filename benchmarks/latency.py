@@ -73,6 +73,10 @@ default 0.25 s.  The 1- and 3-node variants use the first nodes of the 5.
   one replica and three Sentinels.  The Sentinels are asked where the master
   is when a connection is made, not per operation; the master also streams
   every write to its replica.
+* **ours via Cluster**: the same on one ``redis+cluster://`` node, three
+  masters with a replica each; the key's slot map is read once, then each
+  script goes straight to the master of the key's slot, which streams it to
+  its replica.
 * **redis-py Lock**: ``client.lock(name, timeout=ttl)``: 2 round trips.
 * **python-redis-lock**: ``redis_lock.Lock(client, name, expire=ttl)``: 3 round
   trips (its acquire first reads the key to refuse re-acquiring a held lock).
@@ -91,6 +95,7 @@ def key(family: str, nodes: int = 1) -> str:
 RATIOS = [
     Ratio("ours(1) / floor", key("ours"), key("floor")),
     Ratio("ours via Sentinel / ours(1)", key("ours-sentinel"), key("ours")),
+    Ratio("ours via Cluster / ours(1)", key("ours-cluster"), key("ours")),
     Ratio("ours(3) / ours(1)", key("ours", 3), key("ours")),
     Ratio("ours(5) / ours(1)", key("ours", 5), key("ours")),
     Ratio("raw(3) / raw(1)", key("raw", 3), key("raw")),
@@ -133,9 +138,14 @@ def run(options: RunOptions) -> ScenarioResult:
     """Start the nodes, time every variant, and summarize."""
     schedule = QUICK if options.quick else FULL
     notes: list[str] = []
-    with servers.nodes(max(NODE_COUNTS)) as cluster, servers.SentinelTopology() as sentinel, ExitStack() as cleanup:
-        variants = _variants(list(cluster), sentinel, cleanup, notes)
-        with cpus.pinned(options.layout, servers.pids([*cluster, sentinel.master])):
+    with (
+        servers.nodes(max(NODE_COUNTS)) as nodes,
+        servers.SentinelTopology() as sentinel,
+        servers.ClusterTopology() as cluster,
+        ExitStack() as cleanup,
+    ):
+        variants = _variants(list(nodes), sentinel, cluster, cleanup, notes)
+        with cpus.pinned(options.layout, servers.pids([*nodes, sentinel.master, *cluster.servers])):
             timings = run_interleaved(variants, schedule, options.rng())
     result = build_result(
         scenario=SCENARIO,
@@ -165,7 +175,11 @@ SCENARIO = Scenario(name="latency", title="Scenario 1: uncontended lock latency"
 
 
 def _variants(
-    nodes: Sequence[servers.RedisProcess], sentinel: servers.SentinelTopology, cleanup: ExitStack, notes: list[str]
+    nodes: Sequence[servers.RedisProcess],
+    sentinel: servers.SentinelTopology,
+    cluster: servers.ClusterTopology,
+    cleanup: ExitStack,
+    notes: list[str],
 ) -> list[Variant]:
     """Every variant, in table order; missing optional libraries are noted, skipped."""
     pottery = optional_import("pottery", notes)
@@ -181,6 +195,9 @@ def _variants(
     variants += one("floor", "floor: SET NX + EVALSHA", _floor(nodes[0]))
     variants += each_count("ours", "ours", lambda group: _ours(group, cleanup))
     variants += one("ours-sentinel", "ours via Sentinel", _ours_sentinel(sentinel, cleanup))
+    variants += one(
+        "ours-cluster", "ours via Cluster", _acquire_release_ours(Redlock(cluster.url), _name("ours-cluster"), cleanup)
+    )
     variants += one("redis-py", "redis-py Lock", _redis_py(nodes[0]))
     if redis_lock is not None:
         lock = redis_lock.Lock(nodes[0].client(), _name("python-redis-lock"), expire=TTL_SECONDS)

@@ -2,8 +2,9 @@
 
 The nodes are :class:`celery_dlock.testing.redis_process.RedisProcess`, the
 package's own throwaway server (the one the tests and the pytest plugin run
-too), and a Sentinel-managed master is a
-:class:`celery_dlock.testing.sentinel_process.SentinelTopology`.  They listen
+too), a Sentinel-managed master is a
+:class:`celery_dlock.testing.sentinel_process.SentinelTopology`, and a Redis
+Cluster a :class:`celery_dlock.testing.cluster_process.ClusterTopology`.  They listen
 on free loopback ports, never on the system server's 6379.
 """
 
@@ -13,11 +14,13 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+from celery_dlock.testing.cluster_process import ClusterTopology
 from celery_dlock.testing.redis_process import HOST, RedisProcess, find_redis_server
 from celery_dlock.testing.sentinel_process import SentinelTopology
 
 __all__ = [
     "HOST",
+    "ClusterTopology",
     "RedisProcess",
     "SentinelTopology",
     "nodes",

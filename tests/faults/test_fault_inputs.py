@@ -49,6 +49,7 @@ _WRONG: dict[type | str, list[Any]] = {
     int: [1.5, "3", True, -1, [1]],
     "sentinel_master": [3, b"mymaster", ["mymaster"], True, ""],
     "transport_options": ["master_name=m", 3, [("master_name", "m")], True],
+    "beat_scheduler": [3, b"celery.beat:PersistentScheduler", "celery.beat", "a b:C", ":Scheduler", True],
 }
 
 
