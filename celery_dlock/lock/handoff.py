@@ -42,6 +42,7 @@ from .nodes import Reply
 from .redlock import Redlock
 from .resp import pack
 from .script import Granted, HandedOff, Held, KeyFree, Parked, QueueFilled, Released, TicketSpent
+from .tokens import token_floor
 from .validation import check_key, check_ttl
 
 __all__ = ["AlreadyClaimed", "Handoff", "HandoffPending", "HandoffQueue", "QueueFull", "QueuedLock"]
@@ -156,6 +157,7 @@ class HandoffQueue:
             meta=holder_metadata(label, details),
             ticket=ticket,
             reserve_ms=ttl_ms,
+            floor=token_floor(),
         )
         outcome = scripts.parse_acquire_queued(self._execute(command, key))
         if isinstance(outcome, Granted):

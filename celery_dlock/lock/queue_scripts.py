@@ -22,7 +22,7 @@ from .script import (
     reply_status,
     reply_text,
 )
-from .scripts import parse_acquire
+from .scripts import NEXT_TOKEN, parse_acquire
 
 __all__ = [
     "ACQUIRE_QUEUED",
@@ -221,11 +221,12 @@ def parse_park(reply: Any) -> Parked | KeyFree | QueueFilled | None:
 ACQUIRE_QUEUED: Final = Script(
     "acquire_queued",
     keys=(*_QUEUE_KEYS, "fence"),
-    args=("owner", "lease_ms", "meta", "ticket", "reserve_ms", "key", "channel"),
+    args=("owner", "lease_ms", "meta", "ticket", "reserve_ms", "key", "channel", "floor"),
     body=_HAND_OFF
+    + NEXT_TOKEN
     + """
 local function grant()
-    local token = redis.call('INCR', fence)
+    local token = next_token()
     redis.call('DEL', lock)
     redis.call('HSET', lock, 'owner', owner, 'token', token, 'meta', meta)
     redis.call('PEXPIRE', lock, lease_ms)
@@ -276,11 +277,12 @@ def acquire_queued_call(
     meta: str,
     ticket: str | None,
     reserve_ms: int,
+    floor: int,
 ) -> bytes:
-    """Pack :data:`ACQUIRE_QUEUED`."""
+    """Pack :data:`ACQUIRE_QUEUED`; ``floor`` is the least token it may grant."""
     return ACQUIRE_QUEUED.call(
         [*_queue_keys(space, key), space.fence(key)],
-        [owner, lease_ms, meta, ticket or "", reserve_ms, key, space.released(key)],
+        [owner, lease_ms, meta, ticket or "", reserve_ms, key, space.released(key), floor],
     )
 
 

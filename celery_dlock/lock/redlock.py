@@ -38,6 +38,7 @@ from .nodes import Member, Reply
 from .quorum import Quorum
 from .resp import pack
 from .script import Granted, Held
+from .tokens import token_floor
 from .validation import check_acquire_options, check_int, check_key, check_number, check_text, check_ttl
 from .waiting import ReleaseWaiter, Retries
 from .watchdog import Watchdog, default_watchdog
@@ -407,7 +408,10 @@ class Redlock:
         ``meta`` is the holder metadata, ``attempt`` the attempt's number.
         """
         started = time.monotonic()
-        command = scripts.acquire_call(self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000), meta=meta)
+        lease_ms = math.ceil(ttl * 1000)
+        command = scripts.acquire_call(
+            self.keyspace, key, owner=owner, lease_ms=lease_ms, meta=meta, floor=token_floor()
+        )
         replies = self._quorum.broadcast(command, granted=_is_granted)
         outcomes = [scripts.parse_acquire(reply) for reply in replies]
         tokens = {i: o.token for i, o in enumerate(outcomes) if isinstance(o, Granted)}

@@ -23,6 +23,7 @@ __all__ = [
     "EXTEND",
     "FENCE_FLOOR",
     "FORCE_RELEASE",
+    "NEXT_TOKEN",
     "RELEASE",
     "RELEASE_PREFIX",
     "acquire_call",
@@ -40,16 +41,30 @@ __all__ = [
 
 # -- plain locks ------------------------------------------------------------------------
 
+#: The next token of a key: its counter plus one, raised to the caller's
+#: clock floor (:mod:`~celery_dlock.lock.tokens`), and stored back.
+NEXT_TOKEN: Final = """
+local function next_token()
+    local token = redis.call('INCR', fence)
+    if token < tonumber(floor) then
+        redis.call('SET', fence, floor)
+        token = tonumber(floor)
+    end
+    return token
+end
+"""
+
 #: Take the lock, or report who holds it.  Idempotent for its owner, so a
 #: retried acquire is safe.
 ACQUIRE: Final = Script(
     "acquire",
     keys=("lock", "fence"),
-    args=("owner", "lease_ms", "meta"),
-    body="""
+    args=("owner", "lease_ms", "meta", "floor"),
+    body=NEXT_TOKEN
+    + """
 local holder = redis.call('HGET', lock, 'owner')
 if not holder then
-    local token = redis.call('INCR', fence)
+    local token = next_token()
     redis.call('HSET', lock, 'owner', owner, 'token', token, 'meta', meta)
     redis.call('PEXPIRE', lock, lease_ms)
     return {'granted', token}
@@ -63,9 +78,9 @@ return {'held', redis.call('HGET', lock, 'meta'), redis.call('PTTL', lock)}
 )
 
 
-def acquire_call(space: Keyspace, key: str, *, owner: str, lease_ms: int, meta: str) -> bytes:
-    """Pack :data:`ACQUIRE`."""
-    return ACQUIRE.call([space.lock(key), space.fence(key)], [owner, lease_ms, meta])
+def acquire_call(space: Keyspace, key: str, *, owner: str, lease_ms: int, meta: str, floor: int) -> bytes:
+    """Pack :data:`ACQUIRE`; ``floor`` is the least token it may grant (:func:`~.tokens.token_floor`)."""
+    return ACQUIRE.call([space.lock(key), space.fence(key)], [owner, lease_ms, meta, floor])
 
 
 def parse_acquire(reply: Any) -> Granted | Held | None:

@@ -215,7 +215,8 @@ def check_topology(name: str, client: redis.Redis) -> Check:
         "topology",
         Verdict.WARN,
         f"Sentinel master {master} at {address} with {replicas}: replication is asynchronous, so a "
-        "failover can forget a granted lock and grant it again, with a token no higher (see "
+        "failover can forget a granted lock and grant it again (with a higher token, so fencing refuses "
+        "the stale holder; see "
         "docs/guarantees.md, 'no node forgets a lock')",
         name,
     )

@@ -66,7 +66,8 @@ def test_a_lock_and_its_counter_live_on_the_master_of_their_slot(clean_redis_clu
     assert lock.release() is True
     assert not owner.exists(name)
     again = redlock.acquire("ledger:42", ttl=5, blocking=False)
-    assert again.token == lock.token + 1
+    assert again.token > lock.token
+    assert int(owner.get(space.fence("ledger:42"))) == again.token
     again.release()
     redlock.close()
 
@@ -82,7 +83,7 @@ def test_keys_spread_over_every_master_and_count_tokens_per_tag(clean_redis_clus
         first.release()
         second = redlock.acquire(key, ttl=5, blocking=False)
         second.release()
-        assert second.token == first.token + 1
+        assert second.token > first.token
         owners.add(cluster.master_for_key(redlock.keyspace.lock(key)).port)
     assert len(owners) == 3
     (node,) = redlock.nodes
@@ -92,7 +93,7 @@ def test_keys_spread_over_every_master_and_count_tokens_per_tag(clean_redis_clus
 def test_threads_exclude_each_other_on_a_cluster(
     clean_redis_cluster: ClusterTopology, redis_server: RedisServer
 ) -> None:
-    """6 threads x 15 sections on one key: none overlaps, no update is lost, tokens are exactly 1 to 90."""
+    """6 threads x 15 sections on one key: none overlaps, no update is lost, 90 distinct tokens rise in order."""
     threads, rounds = 6, 15
     with ThreadPoolExecutor(threads) as pool:
         url = clean_redis_cluster.url
@@ -103,7 +104,7 @@ def test_threads_exclude_each_other_on_a_cluster(
     assert overlaps(sections) == []
     assert int(recorder.get(COUNTER)) == threads * rounds
     assert falling_tokens(sections) == []
-    assert sorted(section.token for section in sections) == list(range(1, threads * rounds + 1))
+    assert len({section.token for section in sections}) == threads * rounds
 
 
 def test_a_resharded_slot_takes_its_locks_and_fencing_counter_along(clean_redis_cluster: ClusterTopology) -> None:
@@ -131,15 +132,16 @@ def test_a_resharded_slot_takes_its_locks_and_fencing_counter_along(clean_redis_
     # (TRYAGAIN) until the slot is its: unavailable, which a blocking acquire rides out.
     with pytest.raises(LockUnavailable, match="TryAgain"):
         redlock.acquire("moving", ttl=5, blocking=False)
+    assert importing_value(target, space.fence("moving")) == str(held.token), "the counter moved with the slot"
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(redlock.acquire, "moving", 5, timeout=20)
         finish_migration(cluster, slot, target)
         after = waiting.result(timeout=30)
-    assert after.token == held.token + 1, "the fencing counter moved with the slot"
+    assert after.token > held.token
     assert cluster.master_for_slot(slot).port == target.port
     assert target.client().hget(space.lock("moving"), "owner") == after.owner.encode()
     after.release()
-    assert redlock.acquire("moving", ttl=5, blocking=False).token == after.token + 1  # MOVED followed
+    assert redlock.acquire("moving", ttl=5, blocking=False).token > after.token  # MOVED followed
 
 
 def migrate(cluster: ClusterTopology, slot: int, source: RedisProcess, target: RedisProcess, *, finish: bool) -> None:
@@ -151,6 +153,15 @@ def migrate(cluster: ClusterTopology, slot: int, source: RedisProcess, target: R
         source_client.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
     if finish:
         finish_migration(cluster, slot, target)
+
+
+def importing_value(target: RedisProcess, name: str) -> str | None:
+    """The string at ``name`` on ``target`` while its slot is still being imported (asked behind ``ASKING``)."""
+    client = target.client(single_connection_client=True, decode_responses=True)
+    client.execute_command("ASKING")
+    value: str | None = client.get(name)
+    client.close()
+    return value
 
 
 def finish_migration(cluster: ClusterTopology, slot: int, target: RedisProcess) -> None:
@@ -221,5 +232,6 @@ def test_a_failover_of_the_slots_master_under_a_loop_of_holders(
         assert len(after) >= AFTER_SWITCH
         assert verdict.fenced_violations == 0, scenario.explain("the fenced store took a write out of order")
         assert overlaps(accepted) == [], scenario.explain("two sections the fenced store accepted overlapped")
+        assert verdict.token_inversions == 0, scenario.explain("a later section got a lower token")
     finally:
         scenario.close()

@@ -70,7 +70,7 @@ def test_acquire_extend_holder_and_release_through_the_sentinels(sentinel_topolo
     assert redlock.holder("job") is None
     wait_until(lambda: not replica.exists(LOCK.format("job")), 5, message="the release to replicate")
     again = redlock.acquire("job", ttl=5, blocking=False)
-    assert again.token == lock.token + 1
+    assert again.token > lock.token
     assert again.release() is True
     redlock.close()
 
@@ -81,7 +81,7 @@ def test_threads_exclude_each_other_through_the_sentinels(
     """6 threads x 15 sections through a ``Sentinel.master_for`` client, the other way to name the node.
 
     Every section runs, none overlaps another, no update is lost, and the
-    tokens are exactly 1 to 90, rising in the order the sections started.
+    90 tokens are distinct, rising in the order the sections started.
     """
     topology = sentinel_topology
     addresses = [("127.0.0.1", sentinel.port) for sentinel in topology.sentinels]
@@ -96,7 +96,7 @@ def test_threads_exclude_each_other_through_the_sentinels(
     assert overlaps(sections) == []
     assert int(recorder.get(COUNTER)) == threads * rounds, "a lost update means two holders at once"
     assert falling_tokens(sections) == []
-    assert sorted(section.token for section in sections) == list(range(1, threads * rounds + 1))
+    assert len({section.token for section in sections}) == threads * rounds
     client.close()
 
 
@@ -115,8 +115,9 @@ def test_sentinel_failover_under_a_loop_of_holders(sentinel_topology: SentinelTo
 
     Asserted: the lock never stops granting for longer than
     ``AVAILABILITY_BOUND``, the holders carry on on the new master, the
-    fenced store accepted no write out of order, and no two sections whose
-    writes it accepted overlapped.  Measured and printed: how long the
+    fenced store accepted no write out of order, no two sections whose
+    writes it accepted overlapped, and no later section got a lower token
+    (the promoted replica's counter may lag, the clock floor does not).  Measured and printed: how long the
     switch and the demotion of the old master took, the longest gap between
     sections, and what a client without fencing saw (overlaps, lost
     updates) and the token inversions.
@@ -171,13 +172,16 @@ def test_sentinel_failover_under_a_loop_of_holders(sentinel_topology: SentinelTo
         print(
             f"\nSentinel failover: switched in {switch:.2f}s, old master demoted {(settled - started) / 1e9:.2f}s "
             f"after SENTINEL FAILOVER; longest gap between sections {longest_gap * 1000:.0f} ms "
-            f"(bound {AVAILABILITY_BOUND:g}s); {verdict.summary()}; tokens fell back by {fell_back} at the "
+            f"(bound {AVAILABILITY_BOUND:g}s); {verdict.summary()}; tokens fell back by {max(0, fell_back)} at the "
             f"demotion; probe token {probe.token}, granted again after the demotion with token {twice.token}"
         )
         assert longest_gap <= AVAILABILITY_BOUND, scenario.explain(f"the lock stopped for {longest_gap:.2f}s")
         assert len(after_switch) >= AFTER_SWITCH
         assert verdict.fenced_violations == 0, scenario.explain("the fenced store took a write out of order")
         assert overlaps(accepted) == [], scenario.explain("two sections the fenced store accepted overlapped")
+        # The new master's counter lags the old one's, but every grant is raised to its clock floor.
+        assert verdict.token_inversions == 0, scenario.explain("a later section got a lower token")
+        assert fell_back <= 0 and twice.token > probe.token, (fell_back, probe.token, twice.token)
         twice.release()
     finally:
         scenario.close()
