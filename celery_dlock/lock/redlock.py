@@ -20,7 +20,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Final
 
@@ -152,7 +152,8 @@ class Redlock:
         self._tally = Tally(
             lambda counts: self._quorum.send_all(scripts.add_counts_call(self.keyspace, counts)),
             flush_every=flush_every,
-            schedule=self._on_watchdog,
+            # The watchdog is looked up at each call: after a fork it is a new one.
+            schedule=lambda delay, job: self.watchdog.call_later(delay, job),  # noqa: PLW0108
         )
 
     def __repr__(self) -> str:
@@ -162,10 +163,6 @@ class Redlock:
     def watchdog(self) -> Watchdog:
         """The renewal thread of auto-extended locks: the one given, else the process's."""
         return self._watchdog if self._watchdog is not None else default_watchdog()
-
-    def _on_watchdog(self, delay: float, job: Callable[[], None]) -> None:
-        """Run ``job`` on the watchdog thread later; the watchdog is looked up anew, as a fork replaces it."""
-        self.watchdog.call_later(delay, job)
 
     # -- public API ----------------------------------------------------------
 

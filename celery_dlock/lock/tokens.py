@@ -1,9 +1,10 @@
 """Fencing tokens that rise even across a wiped node or a promoted replica.
 
 A token is the key's counter plus one, but never less than a *floor* that the
-acquiring client takes from its wall clock: milliseconds since the epoch
-times ``2 ** TOKEN_SHIFT``, so up to 1,024 grants per millisecond still get
-their own token.  A node that comes back empty, or a replica promoted without
+acquiring client takes from its wall clock: milliseconds since
+:data:`TOKEN_EPOCH_MS` (2025-01-01) times ``2 ** TOKEN_SHIFT``, so up to 64
+grants of one key per millisecond get tokens above the floor (more still
+get rising tokens, from the counter).  A node that comes back empty, or a replica promoted without
 the newest grants, therefore starts above every token issued more than the
 clocks' skew ago, instead of at 1.  The bound and what it assumes are in
 ``docs/guarantees.md`` ("Fencing").  Every client of one request sends the
@@ -16,22 +17,26 @@ from __future__ import annotations
 import time
 from typing import Final
 
-__all__ = ["MAX_SAFE_TOKEN", "TOKEN_SHIFT", "issued_at", "token_floor"]
+__all__ = ["TOKEN_EPOCH_MS", "TOKEN_LIMIT", "TOKEN_SHIFT", "issued_at", "token_floor"]
 
-#: Grants per millisecond that get tokens of their own above the floor: ``2 ** TOKEN_SHIFT``.
-TOKEN_SHIFT: Final = 10
+#: Grants of one key per millisecond that get tokens above the floor: ``2 ** TOKEN_SHIFT``.
+TOKEN_SHIFT: Final = 6
 
-#: The largest integer a JavaScript number or a JSON double holds exactly;
-#: tokens stay below it until the year 2248.
-MAX_SAFE_TOKEN: Final = 2**53 - 1
+#: The floor counts milliseconds from 2025-01-01T00:00:00Z.
+TOKEN_EPOCH_MS: Final = 1_735_689_600_000
+
+#: Tokens stay below this until 2074: 14 digits, so they are exact as JSON, as
+#: JavaScript numbers, and even in Lua's default number format (``%.14g``),
+#: which a fenced store written as a Redis script may use.
+TOKEN_LIMIT: Final = 10**14
 
 
 def token_floor(now_ns: int | None = None) -> int:
-    """The least token a grant now may carry: wall-clock milliseconds times ``2 ** TOKEN_SHIFT``."""
+    """The least token a grant now may carry: wall-clock milliseconds since the epoch, times ``2 ** TOKEN_SHIFT``."""
     ns = time.time_ns() if now_ns is None else now_ns
-    return (ns // 1_000_000) << TOKEN_SHIFT
+    return max(0, ns // 1_000_000 - TOKEN_EPOCH_MS) << TOKEN_SHIFT
 
 
 def issued_at(token: int) -> float:
     """The Unix time (seconds) a token's floor names: when it was issued, give or take clock skew."""
-    return (token >> TOKEN_SHIFT) / 1000
+    return ((token >> TOKEN_SHIFT) + TOKEN_EPOCH_MS) / 1000

@@ -131,6 +131,7 @@ def define(app: Celery, recorder: redis.Redis) -> SimpleNamespace:
     @single_flight(key="exit:{how}")
     def leaving(how: str) -> None:
         recorder.rpush("left", how)
+        recorder.rpush(f"left-token:{how}", current_lock().token)
         if how == "ignore":
             raise Ignore()
         if how == "reject":
@@ -345,7 +346,9 @@ def test_body_exits_release_the_lock(tasks, celery_worker, lock_server, recorder
     assert wait_until(lambda: recorder.lrange("left", 0, -1) == [how.encode()])
     # The lease is 30 s: a key gone within a few seconds was released, not expired.
     assert wait_until(lambda: not client.exists(f"dlock:lock:exit:{how}"), timeout=5)
-    assert int(client.get("dlock:fence")) == 1
+    # Taken once: the key's counter is at the one token the body held.
+    assert int(client.get("dlock:fence")) == int(recorder.lindex(f"left-token:{how}", 0))
+    assert recorder.llen(f"left-token:{how}") == 1
 
 
 def test_lost_lock_is_reported_to_the_task(tasks, celery_worker, lock_server) -> None:

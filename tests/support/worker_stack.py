@@ -57,9 +57,12 @@ class Stack:
         self.app = Celery("dlock-test-client", broker=self.broker.url, backend=self.broker.url, set_as_current=False)
         self.app.conf.broker_connection_retry_on_startup = True
         self.recorder = redis.Redis.from_url(self.recorder_url)
-        #: The names of the lock keys, laid out for a Cluster if the first lock node is one.
-        self.keyspace = Keyspace(KEY_PREFIX, clustered=is_cluster_url(self.lock_urls[0]))
         self.locks = lock_client(self.lock_urls[0])
+
+    @property
+    def keyspace(self) -> Keyspace:
+        """The names of the lock keys, laid out for a Cluster if the first lock node is one."""
+        return Keyspace(KEY_PREFIX, clustered=is_cluster_url(self.lock_urls[0]))
 
     @property
     def recorder_url(self) -> str:
