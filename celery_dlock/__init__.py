@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .lock import (
     AlreadyClaimed,
+    AlreadyQueued,
     ConfigurationError,
     DLockError,
     Handoff,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AlreadyClaimed",
+    "AlreadyQueued",
     "ConfigurationError",
     "DLockError",
     "Handoff",

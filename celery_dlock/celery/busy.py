@@ -22,7 +22,7 @@ from .events import Throttle, report, store_outcome
 from .headers import REQUEUES_HEADER, TICKET_HEADER, lineage
 from .options import Policy
 
-__all__ = ["backoff", "on_busy", "outside_worker", "requeue"]
+__all__ = ["backoff", "busy_action", "on_busy", "outside_worker", "requeue"]
 
 logger = get_task_logger(__name__)
 
@@ -40,23 +40,30 @@ def outside_worker(request: Context | None) -> bool:
     return request is None or bool(request.called_directly) or bool(request.is_eager)
 
 
-def on_busy(task: Task | None, app: Celery, request: Context | None, policy: Policy, busy: LockBusy) -> BaseException:
-    """What a run whose key is held ends with, under ``policy``."""
+def busy_action(policy: Policy, request: Context | None, busy: LockBusy) -> str:
+    """What :func:`on_busy` does with a run whose key is held: ``requeue``, ``skip`` or ``raise``."""
     if isinstance(busy, QueueFull) and policy.queue_full == "reject":
-        return busy
+        return "raise"
     if request is not None and request.id and busy.holder and busy.holder.get("label") == request.id:
         # Another copy of this very task holds the key: a redelivery, a
         # retry sent before that run released, or a message requeued after
         # its worker died.  Skipping or failing it would overwrite the
         # result of a run that may still succeed, or lose the task; it
         # waits its turn instead.
-        return requeue(task, app, request, policy, busy)
+        return "requeue"
     action = policy.wait_fallback if policy.on_busy == "wait" else _FALLBACKS.get(policy.on_busy, policy.on_busy)
-    direct = outside_worker(request)
-    if action == "raise" or (action == "requeue" and direct):
+    if action == "requeue" and outside_worker(request):
+        return "raise"
+    return str(action)
+
+
+def on_busy(task: Task | None, app: Celery, request: Context | None, policy: Policy, busy: LockBusy) -> BaseException:
+    """What a run whose key is held ends with, under ``policy``."""
+    action = busy_action(policy, request, busy)
+    if action == "raise":
         return busy
     if action == "skip":
-        return _skip(task, app, request, busy, direct)
+        return _skip(task, app, request, busy, outside_worker(request))
     return requeue(task, app, request, policy, busy)
 
 

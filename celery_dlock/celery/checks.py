@@ -46,6 +46,15 @@ def task_problems(policy: Policy, settings: Settings, visibility: float | None) 
                 f"on_busy={policy.on_busy!r} keeps its queue on one Redis node, but dlock_redis_url lists {nodes}",
             )
         )
+    if visibility is not None and policy.publish_lock and policy.queue_ttl < visibility:
+        problems.append(
+            Problem(
+                False,
+                f"queue_ttl={policy.queue_ttl:g}s is shorter than the Redis broker's visibility_timeout="
+                f"{visibility:g}s: a message restored after its worker died may find its queue lock gone "
+                "and a duplicate queued beside it; raise dlock_queue_ttl",
+            )
+        )
     if visibility is not None and policy.requeue_max_delay >= visibility:
         problems.append(
             Problem(

@@ -26,6 +26,7 @@ __all__ = [
     "is_lazy_task",
     "next_entry",
     "on_evaluation",
+    "registered_task",
     "resolve",
     "running_task",
     "schedule_app",
@@ -48,6 +49,7 @@ PRIVATE_NAMES: Final = (
     ("celery.beat.PersistentScheduler", "_store", "required"),
     ("celery.beat.ScheduleEntry", "_next_instance", "required"),
     ("celery.schedules.BaseSchedule", "_app", "required"),
+    ("celery.app.base.Celery", "_tasks", "required"),
 )
 
 
@@ -73,6 +75,16 @@ def on_evaluation(proxy: Any, callback: Callable[..., Any], *args: Any) -> None:
 def resolve(target: Any) -> Any:
     """The object behind a Celery proxy, or ``target`` itself."""
     return target._get_current_object() if isinstance(target, Proxy) else target
+
+
+def registered_task(app: Any, name: str) -> Task | None:
+    """The task ``name`` as ``app`` registered it in this process, without finalizing the app.
+
+    ``app.tasks`` would finalize it (or raise with ``autofinalize=False``);
+    Celery's own ``send_task`` reads the registry underneath it the same way.
+    """
+    task: Task | None = app._tasks.get(name)
+    return task
 
 
 # -- beat ---------------------------------------------------------------------------

@@ -53,6 +53,9 @@ def single_flight(
     max_queued: int | None = None,
     queue_full: str | None = None,
     hold: float | bool | timedelta | None = None,
+    scope: str | None = None,
+    on_duplicate: str | None = None,
+    queue_ttl: float | None = None,
 ) -> Callable[[F], F]: ...
 
 

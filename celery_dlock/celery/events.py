@@ -3,7 +3,10 @@
 ``task-lock-acquired``, ``task-requeued``, ``task-skipped``, ``task-parked``,
 ``task-coalesced`` and ``task-lock-lost`` reach Flower and ``celery events``
 like Celery's own task events, and are sent only when those are
-(``worker_send_task_events``, or ``celery worker -E``).
+(``worker_send_task_events``, or ``celery worker -E``).  ``task-duplicate``
+and ``task-replaced`` are sent by the publisher, where a publish met a
+publish-time lock, when it sends ``task-sent`` events
+(``task_send_sent_event``) or task events at all.
 
 Flower keeps only the fields it knows of a task event (those of
 ``celery.events.state.Task``), so what it must show goes in one of them:
@@ -36,9 +39,16 @@ logger = logging.getLogger(__name__)
 task_logger = get_task_logger(__name__)
 
 
-def send_task_event(app: Celery, type_: str, *, uuid: str | None, hostname: str | None, **fields: Any) -> None:
-    """Send one task event for ``uuid`` if the worker sends task events."""
-    if uuid is None or not locks_for(app).events:
+def send_task_event(
+    app: Celery, type_: str, *, uuid: str | None, hostname: str | None, publisher: bool = False, **fields: Any
+) -> None:
+    """Send one task event for ``uuid`` if the worker sends task events.
+
+    With ``publisher=True`` the event is sent also where the app sends
+    ``task-sent`` events (``task_send_sent_event``).
+    """
+    enabled = locks_for(app).events or (publisher and bool(app.conf.task_send_sent_event))
+    if uuid is None or not enabled:
         return
     try:
         with app.events.default_dispatcher(hostname=hostname) as dispatcher:

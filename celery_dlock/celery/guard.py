@@ -31,12 +31,13 @@ from ..lock.errors import DLockError, LockBusy, LockUnavailable
 from ..lock.handoff import AlreadyClaimed, HandoffPending, QueuedLock
 from ..lock.lease import Lock
 from .app_state import AppLocks, locks_for
-from .busy import on_busy, outside_worker, requeue
+from .busy import busy_action, on_busy, outside_worker, requeue
 from .events import LossReporter, describe, report, send_task_event, store_outcome
 from .handoffs import hand_on, message_of, publish_handoff, ticket_of
 from .headers import BEAT_SLOT_HEADER
 from .keys import KeySpec
 from .options import Policy, SingleFlightOptions
+from .scopes import free_queue_lock
 
 __all__ = ["SingleFlight", "current_lock", "guard_of", "guarded_by", "owner_prefix"]
 
@@ -166,7 +167,13 @@ class SingleFlight:
         request: Context | None = task.request if task is not None else None
         task_id = getattr(request, "id", None)
         hostname = getattr(request, "hostname", None)
-        key = self.run_key(self.key_for(task, args, kwargs), policy, _scheduled_time(request))
+        base = self.key_for(task, args, kwargs)
+        queued = task_id if policy.publish_lock and not outside_worker(request) else None
+        if not policy.run_lock:
+            # scope="queue": the message has started; the next may be queued.
+            free_queue_lock(locks.redlock, base, queued)
+            return body()
+        key = self.run_key(base, policy, _scheduled_time(request))
         hold_for = _hold_seconds(policy.hold, policy.ttl)
         on_lost = LossReporter(task, app, task_id, hostname)
         try:
@@ -187,13 +194,16 @@ class SingleFlight:
                     details={"task": self.label(task)},
                 )
         except LockBusy as busy:
-            raise on_busy(task, app, request, policy, busy)  # noqa: B904 - the busy error is the cause
+            raise self._not_taken(task, app, request, policy, busy, base, queued)  # noqa: B904 - busy is the cause
         except LockUnavailable as down:
-            if policy.fail_mode == "open":
-                logger.warning("running %s unlocked (dlock_fail_mode=open): %s", describe(task, task_id), down)
-                return body()
-            raise requeue(task, app, request, policy, down)  # noqa: B904
+            if policy.fail_mode != "open":
+                raise self._not_taken(task, app, request, policy, down, base, queued)  # noqa: B904
+            logger.warning("running %s unlocked (dlock_fail_mode=open): %s", describe(task, task_id), down)
+            free_queue_lock(locks.redlock, base, queued)
+            return body()
 
+        # The run lock is held before the queue lock goes, so that "life" never has a gap.
+        free_queue_lock(locks.redlock, base, queued)
         send_task_event(app, "task-lock-acquired", uuid=task_id, hostname=hostname, key=key, token=lock.token)
         locks.hold(lock)
         context = _current.set(lock)
@@ -211,6 +221,27 @@ class SingleFlight:
                 lock.release_nowait()
             if isinstance(lock, QueuedLock) and lock.handoff is not None:
                 hand_on(app, lock.handoff)
+
+    def _not_taken(
+        self,
+        task: Task | None,
+        app: Celery,
+        request: Context | None,
+        policy: Policy,
+        cause: DLockError,
+        base: str,
+        queued: str | None,
+    ) -> BaseException:
+        """What a run whose run lock was not taken ends with; its queue lock goes unless a copy waits on."""
+        if isinstance(cause, LockBusy):
+            ending = on_busy(task, app, request, policy, cause)
+            waits = busy_action(policy, request, cause) == "requeue"
+        else:
+            ending, waits = requeue(task, app, request, policy, cause), True
+        if not (waits and isinstance(ending, Ignore)):
+            # The message ends here: only a requeued copy still waits, keeping the queue lock.
+            free_queue_lock(locks_for(app).redlock, base, queued)
+        return ending
 
     def release_dead_run(
         self, task: Task, task_id: str, hostname: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]
@@ -238,6 +269,18 @@ class SingleFlight:
         if handoff is not None:
             publish_handoff(task.app, handoff)
         return released
+
+    def release_queued(self, task: Task, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+        """Free the queue lock of a message that will never start (revoked, expired); main process."""
+        locks = locks_for(task.app)
+        if not self.policy(locks).publish_lock:
+            return False
+        try:
+            key = self.key_for(task, args or (), kwargs or {})
+        except (TypeError, ValueError) as exc:
+            _plain_logger.warning("could not free the queue lock of %s[%s]: %s", task.name, task_id, exc)
+            return False
+        return free_queue_lock(locks.redlock, key, task_id)
 
     # -- handoff queues ---------------------------------------------------------------
 
@@ -283,6 +326,8 @@ class SingleFlight:
             return False
         if rider != request.id:
             logger.info("coalesced into %s[%s]: %s", task.name, rider, busy)
+            # Served by the rider, this message ends: it no longer waits in the broker.
+            free_queue_lock(locks_for(app).redlock, key, request.id if policy.publish_lock else None)
             served = {"coalesced_into": rider}
             # Flower keeps only the fields it knows of an event: ``into`` is
             # for other receivers, ``result`` is what Flower shows.

@@ -53,6 +53,16 @@ class SingleFlightOptions:
     #: slot of that length.  Duplicates of one run then run once; with no
     #: ``on_busy`` given they are skipped.
     hold: float | bool | timedelta | None = None
+    #: How long the lock lasts: ``run`` (while the body runs), ``queue`` (from
+    #: publish until the body starts), ``queue+run`` (both, as two locks) or
+    #: ``life`` (from publish until the body ends) (``dlock_scope``).
+    scope: str | None = None
+    #: What a publish gets when the publish-time lock is held: ``return``,
+    #: ``raise``, ``replace`` or ``drop`` (``dlock_on_duplicate``).
+    on_duplicate: str | None = None
+    #: The publish-time lock's lease beyond the countdown or eta, in seconds
+    #: (``dlock_queue_ttl``).
+    queue_ttl: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.hold, timedelta):
@@ -63,6 +73,14 @@ class SingleFlightOptions:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, checked(name, value))
+        self._check_scope()
+
+    def _check_scope(self) -> None:
+        """Refuse options that the chosen scope would silently ignore."""
+        ignored, why = _IGNORED_BY_SCOPE.get(self.scope or "", ((), ""))
+        for name in ignored:
+            if getattr(self, name) is not None:
+                raise ConfigurationError(f"{name}: {why}")
 
     @classmethod
     def coerce(cls, value: Any, *, task_name: str) -> SingleFlightOptions:
@@ -108,6 +126,9 @@ class SingleFlightOptions:
             max_queued=pick("max_queued"),
             queue_full=pick("queue_full"),
             hold=self.hold,  # type: ignore[arg-type]  # a timedelta became seconds in __post_init__
+            scope=pick("scope"),
+            on_duplicate=pick("on_duplicate"),
+            queue_ttl=pick("queue_ttl"),
         )
         if policy.requeue_max_delay < policy.requeue_delay:
             policy = replace(policy, requeue_max_delay=policy.requeue_delay)
@@ -130,11 +151,24 @@ class Policy:
     max_queued: int
     queue_full: str
     hold: float | bool | None = None
+    scope: str = "run"
+    on_duplicate: str = "return"
+    queue_ttl: float = 3600.0
 
     @property
     def queues(self) -> bool:
         """Whether duplicates park in the key's handoff queue."""
-        return self.on_busy in ("queue", "coalesce")
+        return self.run_lock and self.on_busy in ("queue", "coalesce")
+
+    @property
+    def publish_lock(self) -> bool:
+        """Whether a publish takes the key's queue lock (every scope but ``run``)."""
+        return self.scope != "run"
+
+    @property
+    def run_lock(self) -> bool:
+        """Whether the body runs holding the key's run lock (every scope but ``queue``)."""
+        return self.scope != "queue"
 
 
 #: The options checked as the settings of the same name are.
@@ -150,4 +184,33 @@ _CHECKED: Final = (
     "max_hold",
     "max_queued",
     "queue_full",
+    "scope",
+    "on_duplicate",
+    "queue_ttl",
 )
+
+#: The options of the lock held while the body runs, which ``scope="queue"`` does not take.
+_RUN_LOCK_OPTIONS: Final = (
+    "on_busy",
+    "max_requeues",
+    "requeue_delay",
+    "requeue_max_delay",
+    "wait_timeout",
+    "wait_fallback",
+    "max_hold",
+    "max_queued",
+    "queue_full",
+    "hold",
+)
+
+#: The options each scope has no use for, and why, for the error that refuses them.
+_IGNORED_BY_SCOPE: Final = {
+    "queue": (
+        _RUN_LOCK_OPTIONS,
+        "scope='queue' takes no lock while the body runs; use scope='queue+run' or 'life' for a run lock as well",
+    ),
+    "run": (
+        ("on_duplicate", "queue_ttl"),
+        "applies to a publish-time lock, which scope='run' does not take; use scope='queue', 'queue+run' or 'life'",
+    ),
+}

@@ -26,7 +26,9 @@ __all__ = [
     "BUSY_POLICIES",
     "CHECKS",
     "FAIL_MODES",
+    "ON_DUPLICATE",
     "QUEUE_FULL",
+    "SCOPES",
     "WAIT_FALLBACKS",
     "LockAddress",
     "Settings",
@@ -41,6 +43,13 @@ Check = Callable[[str, Any], Any]
 
 #: What a task does when its key is held: see the README's policy table.
 BUSY_POLICIES: Final = ("requeue", "skip", "wait", "raise", "queue", "coalesce")
+
+#: How long a task's lock lasts: while it runs, while it waits in the broker,
+#: both as two locks, or from publish to finish as one (docs/policies.md).
+SCOPES: Final = ("run", "queue", "queue+run", "life")
+
+#: What a publish gets when its key's publish-time lock is held.
+ON_DUPLICATE: Final = ("return", "raise", "replace", "drop")
 
 #: What ``queue`` and ``coalesce`` do when the key's queue is full.
 QUEUE_FULL: Final = ("requeue", "reject")
@@ -87,6 +96,13 @@ class Settings:
     max_queued: int = 1000
     #: ``requeue`` or ``reject`` a message that finds its key's queue full.
     queue_full: str = "requeue"
+    #: How long a task's lock lasts: ``run``, ``queue``, ``queue+run`` or ``life``.
+    scope: str = "run"
+    #: What a publish gets when its key's publish-time lock is held.
+    on_duplicate: str = "return"
+    #: The publish-time lock's lease beyond the message's countdown or eta, in
+    #: seconds: the longest it outlives a message that was lost.
+    queue_ttl: float = 3600.0
     #: Seconds between the worker's sweeps for handoffs lost with a dead holder.
     sweep_interval: float = 5.0
     #: The most two beats' clocks may differ, in seconds, for each due run to
@@ -365,6 +381,9 @@ CHECKS: Final[Mapping[str, Check]] = {
     "max_queued": _count,
     "queue_full": _choice(QUEUE_FULL),
     "sweep_interval": _positive,
+    "scope": _choice(SCOPES),
+    "on_duplicate": _choice(ON_DUPLICATE),
+    "queue_ttl": _positive,
     "beat_max_skew": _seconds,
     "beat_scheduler": _symbol,
     "max_hold": _positive,

@@ -31,6 +31,7 @@ from .app_state import known_apps, locks_for
 from .checks import task_problems
 from .guard import guard_of
 from .handoffs import hand_on_stranded
+from .publish import install as install_publish_check
 from .settings import broker_visibility_timeout, unknown_settings
 
 __all__ = ["SettingsCheck", "check_worker", "connect_signals"]
@@ -47,7 +48,7 @@ _connect_lock = threading.Lock()
 
 
 def connect_signals() -> None:
-    """Connect the hooks, once per process."""
+    """Connect the hooks, and wrap ``send_task`` with the publish-time check, once per process."""
     global _connected
     with _connect_lock:
         if _connected:
@@ -57,6 +58,7 @@ def connect_signals() -> None:
         signals.task_revoked.connect(_on_task_revoked, weak=False)
         signals.worker_process_shutdown.connect(_on_worker_process_shutdown, weak=False)
         signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
+        install_publish_check()
         _connected = True
 
 
@@ -146,10 +148,15 @@ def _on_task_failure(
 def _on_task_revoked(
     sender: Any = None, request: Any = None, terminated: bool = False, signum: Any = None, **_: Any
 ) -> None:
-    if not terminated or request is None or signum not in _FATAL_SIGNALS:
-        return
     guard = guard_of(sender)
-    if guard is None:
+    if guard is None or request is None:
+        return
+    if not terminated:
+        # Revoked or expired before it started: its queue lock, if any, goes now.
+        if guard.release_queued(sender, request.id, request.args or (), request.kwargs or {}):
+            logger.info("freed the queue lock of revoked %s[%s]", sender.name, request.id)
+        return
+    if signum not in _FATAL_SIGNALS:
         return
     hostname = request.hostname or locks_for(sender.app).hostname
     if guard.release_dead_run(sender, request.id, hostname, request.args or (), request.kwargs or {}):

@@ -7,7 +7,7 @@ import-linter in CI.
 
 from __future__ import annotations
 
-from .errors import ConfigurationError, DLockError, LockBusy, LockLost, LockUnavailable, TaskSkipped
+from .errors import AlreadyQueued, ConfigurationError, DLockError, LockBusy, LockLost, LockUnavailable, TaskSkipped
 from .handoff import AlreadyClaimed, Handoff, HandoffPending, HandoffQueue, QueuedLock, QueueFull
 from .keyspace import Keyspace
 from .redlock import Lock, LostCallback, Redlock
@@ -15,6 +15,7 @@ from .watchdog import Watchdog, default_watchdog
 
 __all__ = [
     "AlreadyClaimed",
+    "AlreadyQueued",
     "ConfigurationError",
     "DLockError",
     "Handoff",

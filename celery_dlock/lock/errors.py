@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 __all__ = [
+    "AlreadyQueued",
     "ConfigurationError",
     "DLockError",
     "LockBusy",
@@ -88,6 +89,20 @@ class TaskSkipped(LockBusy):
     It is stored as the skipped task's result, so ``AsyncResult.get()`` raises
     it at once instead of waiting for a run that will never happen.
     """
+
+
+class AlreadyQueued(LockBusy):
+    """A publish found its key already taken by a copy queued or running before it.
+
+    Raised at publish with ``on_duplicate="raise"``; :attr:`task_id` is the
+    id of the copy that holds the key, so the caller can follow it.
+    """
+
+    @property
+    def task_id(self) -> str | None:
+        """The task id of the copy that holds the key, where its lock recorded one."""
+        label = (self.holder or {}).get("label")
+        return label if isinstance(label, str) else None
 
 
 class LockUnavailable(DLockError):

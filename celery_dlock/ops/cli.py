@@ -39,7 +39,7 @@ __all__ = ["EVENTS", "dlock"]
 #: The counters ``celery dlock stats`` shows, in this order, per task.
 EVENTS: Final = ("acquired", "busy", "requeued", "skipped", "lost", "released", "parked", "coalesced")
 
-_LIST_COLUMNS: Final = ("KEY", "TASK", "TASK ID", "HOST", "PID", "TOKEN", "TTL", "HELD")
+_LIST_COLUMNS: Final = ("KEY", "KIND", "TASK", "TASK ID", "HOST", "PID", "TOKEN", "TTL", "HELD")
 
 _VERDICT_COLOURS: Final = {Verdict.OK: "green", Verdict.WARN: "yellow", Verdict.FAIL: "red"}
 
@@ -267,6 +267,7 @@ def _lock_row(lock: HeldLock) -> list[str]:
     task_id = f"{lock.task_id} (handoff)" if lock.reserved_for else lock.task_id
     return [
         lock.key,
+        lock.kind,
         lock.task or "-",
         task_id or "-",
         lock.hostname or "-",
@@ -278,11 +279,12 @@ def _lock_row(lock: HeldLock) -> list[str]:
 
 
 def _describe(lock: HeldLock) -> str:
-    shown = ("hostname", "pid", "label", "task", "acquired_at", "handoff")
+    shown = ("hostname", "pid", "label", "task", "acquired_at", "handoff", "kind")
     extra = {name: value for name, value in lock.meta.items() if name not in shown}
     reserved = f"yes, for parked ticket {lock.reserved_for}" if lock.reserved_for else "no"
     rows = [
         ("key", lock.key),
+        ("kind", f"{lock.kind} lock" + (" (held from publish until the body starts)" if lock.kind == "queue" else "")),
         ("task", lock.task or "-"),
         ("task id", lock.task_id or "-"),
         ("hostname", lock.hostname or "-"),

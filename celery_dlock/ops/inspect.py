@@ -78,9 +78,14 @@ class HeldLock:
     #: The metadata exactly as the holder stored it.
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def kind(self) -> str:
+        """``queue`` for a publish-time queue lock (``scope="queue"``, ``"queue+run"``, ``"life"``), else ``run``."""
+        return "queue" if self.meta.get("kind") == "queue" else "run"
+
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return asdict(self)
+        """A JSON-ready dict of every field, with :attr:`kind`."""
+        return {**asdict(self), "kind": self.kind}
 
 
 @dataclass(frozen=True)

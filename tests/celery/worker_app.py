@@ -27,20 +27,17 @@ the start line and nothing else.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
-from support.apps import PerProcess, app_urls
-from support.critical_sections import record_section
+from support.apps import app_urls
+from support.recording import event, recorder, section, wait_for_flag
 
-from celery_dlock import Lock, current_lock, single_flight
+from celery_dlock import current_lock, single_flight
 from celery_dlock.celery.headers import REQUEUES_HEADER, TICKET_HEADER
 
 URLS = app_urls()
@@ -50,10 +47,6 @@ RECORDER_URL = URLS.recorder
 ACKS_LATE = os.environ.get("DLOCK_TEST_ACKS_LATE") == "1"
 VISIBILITY_TIMEOUT = os.environ.get("DLOCK_TEST_VISIBILITY_TIMEOUT")
 
-#: JSON lines, one per body start.
-RUNS = "runs"
-#: JSON lines for what happened inside a body (a soft time limit, say).
-EVENTS = "events"
 #: The plugin's default key prefix; lock hashes live at ``dlock:lock:<key>``.
 KEY_PREFIX = "dlock:"
 
@@ -78,9 +71,6 @@ if VISIBILITY_TIMEOUT:
         "unacked_restore_throttle": 1,
     }
 
-#: This process's client of the recorder server.
-recorder = PerProcess(lambda: redis.Redis.from_url(RECORDER_URL))
-
 
 def lock_key_exists(key: str) -> bool:
     """Whether the lock hash of ``key`` exists on the first lock node."""
@@ -89,45 +79,6 @@ def lock_key_exists(key: str) -> bool:
         return bool(client.exists(f"{KEY_PREFIX}lock:{key}"))
     finally:
         client.close()
-
-
-@contextmanager
-def section(task: Task, key: str) -> Iterator[Lock | None]:
-    """Record one body run on ``key``; yields the lock it holds (``None`` unlocked)."""
-    lock = current_lock()
-    token = lock.token if lock is not None else 0
-    request = task.request
-    rec = recorder()
-    rec.rpush(
-        RUNS,
-        json.dumps(
-            {
-                "task": task.name,
-                "id": request.id,
-                "key": key,
-                "token": token,
-                "locked": lock is not None,
-                "pid": os.getpid(),
-                "hostname": request.hostname,
-                "retries": request.retries,
-                "requeues": int((request.headers or {}).get(REQUEUES_HEADER, 0)),
-                "redelivered": bool((request.delivery_info or {}).get("redelivered")),
-            }
-        ),
-    )
-    counter = f"counter:{key}"
-    enter = time.monotonic_ns()
-    seen = int(rec.get(counter) or 0)
-    try:
-        yield lock
-    finally:
-        rec.set(counter, seen + 1)
-        record_section(rec, key, token, enter, time.monotonic_ns())
-
-
-def event(task: Task, kind: str, **fields: Any) -> None:
-    """Record something that happened inside a body."""
-    recorder().rpush(EVENTS, json.dumps({"event": kind, "id": task.request.id, "pid": os.getpid(), **fields}))
 
 
 # -- sections with each busy policy --------------------------------------------------
@@ -317,15 +268,6 @@ def delivery(task: Task, **fields: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         **fields,
     }
-
-
-def wait_for_flag(flag: str | None, timeout: float = 60.0) -> None:
-    """Block until the test sets the recorder key ``flag`` (at most ``timeout`` seconds)."""
-    if flag is None:
-        return
-    deadline = time.monotonic() + timeout
-    while not recorder().exists(flag) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 @app.task(name="wa.queue_section", bind=True)

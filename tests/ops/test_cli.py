@@ -95,9 +95,9 @@ def test_list_and_show_a_held_lock_and_its_queue(tasks, celery_app, celery_worke
 
     listed = run(celery_app, "list").output
     header, row = listed.splitlines()
-    assert header.split() == ["KEY", "TASK", "TASK", "ID", "HOST", "PID", "TOKEN", "TTL", "HELD"]
-    key, task, task_id, _host, pid, token, ttl, held = row.split()
-    assert (key, task, task_id, pid) == ("ledger:acct-1", tasks.charge.name, holder.id, str(os.getpid()))
+    assert header.split() == ["KEY", "KIND", "TASK", "TASK", "ID", "HOST", "PID", "TOKEN", "TTL", "HELD"]
+    key, kind, task, task_id, _host, pid, token, ttl, held = row.split()
+    assert (key, kind, task, task_id, pid) == ("ledger:acct-1", "run", tasks.charge.name, holder.id, str(os.getpid()))
     assert int(token) >= 1 and ttl.endswith("s") and held.endswith("s")
     assert run(celery_app, "list", "report:*").output == "no held locks match 'report:*'\n"
 
