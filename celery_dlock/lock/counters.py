@@ -16,8 +16,11 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
+from typing import Any
 
-__all__ = ["Tally"]
+from .keyspace import Keyspace
+
+__all__ = ["Tally", "parse_counts"]
 
 #: The tallies of this process, emptied in a forked child: the parent flushes its own counts.
 _TALLIES: weakref.WeakSet[Tally] = weakref.WeakSet()
@@ -35,7 +38,7 @@ class Tally:
 
     def __init__(
         self,
-        flush: Callable[[Mapping[tuple[str, str], int]], None],
+        flush: Callable[[Mapping[tuple[str, str], int]], object],
         *,
         flush_every: float,
         schedule: Callable[[float, Callable[[], None]], None],
@@ -80,6 +83,15 @@ class Tally:
         self._pending = Counter()
         self._mutex = threading.Lock()
         self._scheduled = False
+
+
+def parse_counts(space: Keyspace, reply: Any) -> dict[str, dict[str, int]]:
+    """The counters of a stats hash's HGETALL ``reply``, by label and event."""
+    counters: dict[str, dict[str, int]] = {}
+    for field, value in zip(reply[::2], reply[1::2], strict=True):
+        label, event = space.split_stats_field(field)
+        counters.setdefault(label, {})[event] = int(value)
+    return counters
 
 
 def _forget_after_fork() -> None:

@@ -1,15 +1,13 @@
-"""Independent Redis masters, and one-thread concurrent fan-out across them.
+"""Independent Redis masters: one :class:`Node` each, and the :class:`Member` protocol of a quorum.
 
 Each :class:`Node` owns its connections: one per thread, made from the
 caller's URL or client settings but with small socket timeouts and redis-py's
 retry layer turned off, because a lock must fail fast and never re-send a
-command whose first copy may have taken effect.
-
-:func:`fan_out` sends a command to every node before reading any reply, then
-reads replies in the order they arrive and stops as soon as the outcome is
-decided.  A reply left unread is not lost: the connection counts it as stale
-and skips it before the next reply it reads, so a slow or hung node never
-delays a decision that a quorum has already made.
+command whose first copy may have taken effect.  Replies left unread by
+:func:`~celery_dlock.lock.fanout.fan_out` are counted as stale and skipped
+before the next one; a connection the server closed is replaced before it
+is written to; and a node that timed out is dialled again only in the
+background (:mod:`~celery_dlock.lock.dialer`).
 """
 
 from __future__ import annotations
@@ -17,11 +15,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol, cast
 
 import redis
@@ -33,9 +30,10 @@ from redis.retry import Retry
 from redis.sentinel import SentinelConnectionPool
 
 from .addresses import resolve
+from .dialer import Dialer
 from .resp import pack
 
-__all__ = ["NO_REPLY", "Member", "Node", "Readiness", "Reply", "fan_out"]
+__all__ = ["NO_REPLY", "Member", "Node", "Reply"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ MAX_STALE_REPLIES: Final = 32
 #: How many keys each SCAN step looks at.
 SCAN_COUNT: Final = 1000
 
-#: Back-off after a timeout, so a hung node is not re-dialled on every call.
+#: Back-off between background dials of a node that timed out.
 COOLDOWN_MIN: Final = 0.05
 COOLDOWN_MAX: Final = 1.0
 
@@ -186,6 +184,9 @@ class Node:
         self._preload = b"".join(pack("SCRIPT", "LOAD", source) for source in preload)
         self._preloaded = len(preload)
         self._local = threading.local()
+        # After a timeout the node is *suspect*: it is dialled again only in the
+        # background (lock/dialer.py), at most once per back-off.
+        self._suspect = False
         self._cooldown_until = 0.0
         self._cooldown = 0.0
 
@@ -222,8 +223,6 @@ class Node:
 
     def send(self, packed: bytes) -> None:
         """Send ``packed`` on this thread's connection, connecting if need be."""
-        if time.monotonic() < self._cooldown_until:
-            raise redis.ConnectionError(f"{self.name} is cooling down after a timeout")
         link = self._link()
         link.sent = packed
         try:
@@ -321,23 +320,66 @@ class Node:
     # -- internals ---------------------------------------------------------
 
     def _link(self) -> _Link:
+        """The calling thread's working connection: the one it has, or a new one.
+
+        A connection that owes no reply but has something to read was closed
+        by the server (a restart): it is replaced before anything is written
+        to it, where the write would vanish.  A suspect node is dialled only
+        in the background; until that dial succeeds, sending to it fails.
+        """
         link: _Link | None = getattr(self._local, "link", None)
-        if link is not None and link.pid == os.getpid() and link.stale <= MAX_STALE_REPLIES:
-            if link.conn._sock is not None:
-                return link
-            link.stale = 0
-        elif link is not None:
+        if link is not None:
+            if link.pid == os.getpid() and link.conn._sock is not None and link.stale <= MAX_STALE_REPLIES:
+                if link.stale or not link.used or not _closed_by_peer(link.conn):
+                    return link
+                logger.debug("node %s closed our connection; dialling again", self.name)
+            elif link.stale > MAX_STALE_REPLIES:
+                self._suspect = True  # it stopped answering
             link.conn.disconnect()  # after a fork this closes our copy only
-        conn = self.new_connection(handshake=False)
+            del self._local.link
+        if self._suspect:
+            return self._background_link()
+        try:
+            conn = self._dial()
+        except RedisError as exc:
+            if isinstance(exc, RedisTimeoutError):
+                self._suspect = True
+            raise
         link = self._local.link = _Link(conn)
+        return link
+
+    def _dial(self) -> Connection:
+        """A new connection with the scripts loaded, or the error that stopped it."""
+        conn = self.new_connection(handshake=False)
         try:
             conn.connect()
             self._load_scripts(conn)
-        except RedisError as exc:
-            self._fail(link, exc)
+        except BaseException:
+            conn.disconnect()
             raise
+        return conn
+
+    def _background_link(self) -> _Link:
+        """The connection a background dial made, once it is ready; ``ConnectionError`` until then."""
+        dialer: Dialer[Connection] | None = getattr(self._local, "dialer", None)
+        if dialer is None or dialer.pid != os.getpid():
+            if time.monotonic() >= self._cooldown_until:
+                self._local.dialer = Dialer(self._dial, self.name)
+            raise redis.ConnectionError(f"{self.name} timed out; dialling it again in the background")
+        if not dialer.done:
+            raise redis.ConnectionError(f"{self.name} timed out; still dialling it again in the background")
+        del self._local.dialer
+        if dialer.connection is None:
+            self._back_off()
+            raise redis.ConnectionError(f"{self.name} could not be dialled again: {dialer.error!r}")
+        self._suspect = False
         self._cooldown = 0.0
+        link = self._local.link = _Link(dialer.connection)
         return link
+
+    def _back_off(self) -> None:
+        self._cooldown = min(max(self._cooldown * 2, COOLDOWN_MIN), COOLDOWN_MAX)
+        self._cooldown_until = time.monotonic() + self._cooldown
 
     def _load_scripts(self, conn: Connection) -> None:
         if not self._preloaded:
@@ -350,107 +392,19 @@ class Node:
         link.conn.disconnect()
         link.stale = 0
         if isinstance(exc, RedisTimeoutError):
-            self._cooldown = min(max(self._cooldown * 2, COOLDOWN_MIN), COOLDOWN_MAX)
-            self._cooldown_until = time.monotonic() + self._cooldown
+            self._suspect = True
+            self._back_off()
         logger.debug("node %s failed: %r", self.name, exc)
+
+
+def _closed_by_peer(conn: Connection) -> bool:
+    """Whether a connection that owes us no reply has something to read: the server's close, usually."""
+    try:
+        return conn.can_read(0)
+    except (RedisError, OSError):
+        return True
 
 
 def _reconnectable(link: _Link, exc: BaseException) -> bool:
     """Whether a failure is the server having closed a connection that worked."""
     return link.used and isinstance(exc, redis.ConnectionError) and not isinstance(exc, RedisTimeoutError)
-
-
-def fan_out(
-    calls: Sequence[tuple[Member, bytes]],
-    *,
-    decided: Callable[[list[Reply]], bool],
-    timeout: float,
-) -> list[Reply]:
-    """Send every call at once, then gather replies until ``decided`` says so.
-
-    ``decided`` is given the replies so far, aligned with ``calls``, each one a
-    value, an exception or :data:`NO_REPLY`.  Nodes still silent when it
-    returns true keep :data:`NO_REPLY`; nodes silent after ``timeout`` seconds
-    get a :class:`redis.TimeoutError`.  Either way their replies are skipped on
-    the next use.
-    """
-    replies: list[Reply] = [NO_REPLY] * len(calls)
-    waiting: list[int] = []
-    for index, (node, packed) in enumerate(calls):
-        try:
-            node.send(packed)
-        except RedisError as exc:
-            replies[index] = exc
-        else:
-            waiting.append(index)
-
-    if not waiting or decided(replies):
-        for index in waiting:
-            calls[index][0].abandon()
-        return replies
-    if len(calls) == 1:
-        replies[0] = calls[0][0].read(block=True)
-        return replies
-
-    deadline = time.monotonic() + timeout
-    readiness = Readiness()
-    by_fd: dict[int, int] = {}
-    for index in waiting:
-        fd = calls[index][0].fileno()
-        by_fd[fd] = index
-        readiness.add(fd)
-    while waiting and not decided(replies):
-        left = deadline - time.monotonic()
-        ready = readiness.wait(left) if left > 0 else []
-        if not ready:
-            for index in waiting:
-                replies[index] = RedisTimeoutError(f"no reply within {timeout}s")
-            break
-        for fd in ready:
-            found = by_fd.get(fd)
-            if found is None or found not in waiting:
-                continue  # eventlet's green select can report a descriptor it was not given
-            index = found
-            reply = calls[index][0].read()
-            if reply is not NO_REPLY:
-                replies[index] = reply
-                waiting.remove(index)
-                readiness.remove(fd)
-    for index in waiting:
-        calls[index][0].abandon()
-    return replies
-
-
-class Readiness:
-    """Which of some sockets have data to read: ``poll`` where the pool has it, else ``select``.
-
-    Eventlet's green ``select`` module has no ``poll``, and it replaces the
-    real one in place when it monkey-patches, so the choice is made per use.
-    gevent's green ``poll`` and the standard one are used as they are.
-    """
-
-    __slots__ = ("_fds", "_poller")
-
-    def __init__(self) -> None:
-        poll = getattr(select, "poll", None)
-        self._poller = poll() if poll is not None else None
-        self._fds: set[int] = set()
-
-    def add(self, fd: int) -> None:
-        """Watch ``fd`` for data."""
-        if self._poller is not None:
-            self._poller.register(fd, select.POLLIN)
-        self._fds.add(fd)
-
-    def remove(self, fd: int) -> None:
-        """Stop watching ``fd``."""
-        if self._poller is not None:
-            self._poller.unregister(fd)
-        self._fds.discard(fd)
-
-    def wait(self, timeout: float) -> list[int]:
-        """The watched descriptors with data, waiting up to ``timeout`` seconds for one."""
-        if self._poller is not None:
-            return [fd for fd, _ in self._poller.poll(timeout * 1000)]
-        readable, _, _ = select.select(list(self._fds), [], [], timeout)
-        return readable

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .nodes import NO_REPLY, Member, Reply, fan_out
+from .fanout import fan_out
+from .nodes import NO_REPLY, Member, Reply
 
 __all__ = ["Quorum", "decided"]
 
@@ -54,14 +55,19 @@ class Quorum:
         """Whether a quorum of ``replies`` say ``yes``."""
         return sum(1 for r in replies if yes(r)) >= self.size
 
-    def read_all(self, command: bytes) -> list[Reply]:
-        """Send ``command`` to every node and wait for every reply (or the timeout)."""
-        return fan_out([(node, command) for node in self.nodes], decided=lambda r: False, timeout=self.socket_timeout)
-
-    def send_all(self, command: bytes, nodes: Sequence[Member] | None = None) -> None:
-        """Send ``command`` to ``nodes`` (by default all) without waiting for replies."""
+    def read_all(self, command: bytes, nodes: Sequence[Member] | None = None) -> list[Reply]:
+        """Send ``command`` to ``nodes`` (by default all) and wait for every reply (or the timeout)."""
         targets = self.nodes if nodes is None else nodes
-        fan_out([(node, command) for node in targets], decided=lambda r: True, timeout=0)
+        return fan_out([(node, command) for node in targets], decided=lambda r: False, timeout=self.socket_timeout)
+
+    def send_all(self, command: bytes, nodes: Sequence[Member] | None = None) -> list[Reply]:
+        """Send ``command`` to ``nodes`` (by default all) without waiting for replies.
+
+        Returns, aligned with the nodes, the error of each send that failed
+        and :data:`NO_REPLY` for the others.
+        """
+        targets = self.nodes if nodes is None else nodes
+        return fan_out([(node, command) for node in targets], decided=lambda r: True, timeout=0)
 
     def errors(self, replies: Sequence[Reply]) -> list[tuple[str, BaseException]]:
         """``(node name, error)`` for each node whose reply is an error."""

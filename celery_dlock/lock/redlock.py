@@ -28,7 +28,7 @@ import redis
 
 from . import queue_scripts, scripts
 from .cluster import ClusterNode, member
-from .counters import Tally
+from .counters import Tally, parse_counts
 from .errors import LockBusy, LockLost, LockUnavailable
 from .faults import fault_point
 from .keyspace import DEFAULT_PREFIX, Keyspace
@@ -36,6 +36,7 @@ from .lease import Lock, LostCallback
 from .metadata import StoredLock, holder_metadata, parse_lock_hash, parse_metadata
 from .nodes import Member, Reply
 from .quorum import Quorum
+from .resend import Resender
 from .resp import pack
 from .script import Granted, Held
 from .tokens import token_floor
@@ -149,12 +150,14 @@ class Redlock:
         self.socket_timeout = socket_timeout
         self.extend_every = extend_every
         self._watchdog = watchdog
+        # The watchdog is looked up at each call: after a fork it is a new one.
+        later = lambda delay, job: self.watchdog.call_later(delay, job)  # noqa: E731, PLW0108
         self._tally = Tally(
             lambda counts: self._quorum.send_all(scripts.add_counts_call(self.keyspace, counts)),
             flush_every=flush_every,
-            # The watchdog is looked up at each call: after a fork it is a new one.
-            schedule=lambda delay, job: self.watchdog.call_later(delay, job),  # noqa: PLW0108
+            schedule=later,
         )
+        self._resender = Resender(self._quorum, later)
 
     def __repr__(self) -> str:
         return f"<Redlock {len(self.nodes)} node(s), quorum {self.quorum}>"
@@ -313,12 +316,7 @@ class Redlock:
         return None
 
     def count(self, label: str, event: str, amount: int = 1) -> None:
-        """Add to the counter ``<label>:<event>``.
-
-        The count is kept in the process and written to every node with the
-        others, at most ``flush_every`` seconds later, so it costs no round
-        trip (see :class:`~celery_dlock.lock.counters.Tally`).
-        """
+        """Add to the counter ``<label>:<event>``, written to every node at most ``flush_every`` s later."""
         self._tally.add(label, event, amount)
 
     def flush_counts(self) -> None:
@@ -326,22 +324,16 @@ class Redlock:
         self._tally.flush()
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """The counters by label, read from the first node that answers.
+        """The counters by label, from the first node that answers (each counts the same events).
 
-        Every node counts the same events, so one node is enough.  This
-        process's own pending counts are written first; other processes'
-        arrive within their ``flush_every``.
+        This process's pending counts are written first; other processes' arrive within ``flush_every``.
         """
         self._tally.flush()
         for node in self.nodes:
             reply = node.execute(pack("HGETALL", self.keyspace.stats))
             if isinstance(reply, BaseException):
                 continue
-            counters: dict[str, dict[str, int]] = {}
-            for field, value in zip(reply[::2], reply[1::2], strict=True):
-                label, event = self.keyspace.split_stats_field(field)
-                counters.setdefault(label, {})[event] = int(value)
-            return counters
+            return parse_counts(self.keyspace, reply)
         raise LockUnavailable.for_key(None, attempts=1, reason="no node answered for the counters")
 
     def close(self) -> None:
@@ -384,9 +376,10 @@ class Redlock:
         """
         command = scripts.release_call(self.keyspace, key, owner=owner, notify=notify)
         if not wait:
-            self._quorum.send_all(command, self.nodes)
+            self._resender.resend_unreached(command, self.nodes, self._quorum.send_all(command))
             return False
         replies = self._quorum.broadcast(command, granted=scripts.done)
+        self._resender.resend_unreached(command, self.nodes, replies)
         if self._quorum.agreeing(replies, scripts.done):
             return True
         errors = self._quorum.errors(replies)
@@ -438,7 +431,12 @@ class Redlock:
         return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after)
 
     def _undo(self, key: str, owner: str) -> bytes:
-        """The release that undoes a failed attempt wherever it took the key, waking no waiter."""
+        """The release that undoes a failed attempt wherever it took the key, waking no waiter.
+
+        Never resent later: the next attempt reuses the owner, and a late undo
+        would delete the lock that attempt took.  Sent on the connection the
+        next attempt uses, it is always run before it.
+        """
         return scripts.release_call(self.keyspace, key, owner=owner, notify=False)
 
     def _fence(self, key: str, token: int, tokens: dict[int, int]) -> bool:

@@ -16,7 +16,8 @@ from typing import TypeVar
 from redis.exceptions import RedisError
 
 from .errors import LockBusy, LockUnavailable
-from .nodes import Connection, Member, Readiness
+from .fanout import Readiness
+from .nodes import Connection, Member
 from .resp import pack
 
 __all__ = ["ReleaseWaiter", "Retries"]

@@ -255,14 +255,75 @@ def test_restart_of_a_majority_with_fsync_always_keeps_the_lock(scenario: Scenar
     assert_safe(scenario, "restart of a majority with appendfsync always")
 
 
-def test_a_release_right_after_a_node_restart_frees_every_node(scenario: Scenario) -> None:
+@pytest.mark.parametrize("how", ["release", "release_nowait"])
+def test_a_release_right_after_a_node_restart_frees_every_node(scenario: Scenario, how: str) -> None:
+    """The restarted nodes closed our connections: the release goes out on new ones, not into dead sockets.
+
+    ``release()`` returns once a quorum has confirmed, ``release_nowait()`` at
+    once; either way every node is free as soon as it has run the command,
+    where a release written into a dead socket left the node holding the
+    lock for its whole 30 s lease.
+    """
     quorum = scenario.quorum(3, FSYNC_ALWAYS)
     redlock = Redlock(quorum.urls)
     lock = redlock.acquire("shared", ttl=30)
     quorum.restart(0, 1)  # with fsync always they come back holding the lock
-    released = lock.release()
-    left = [quorum.client(i).exists("dlock:lock:shared") for i in range(3)]
-    assert released is True and left == [0, 0, 0], (released, left)
+    assert all(quorum.client(i).exists("dlock:lock:shared") for i in range(3))
+    if how == "release":
+        assert lock.release() is True
+        assert sum(1 for i in range(3) if not quorum.client(i).exists("dlock:lock:shared")) >= redlock.quorum
+    else:
+        lock.release_nowait()
+    # At once, or (had a node still been loading its data) by the background resends, within about 3 s.
+    wait_until(lambda: not any(quorum.client(i).exists("dlock:lock:shared") for i in range(3)), 5)
+
+
+@pytest.mark.parametrize("how", ["release", "release_nowait"])
+def test_a_release_that_missed_a_node_reaches_it_once_it_is_back(scenario: Scenario, how: str) -> None:
+    """Node 0 is down at the release and back half a second later, holding the lock: the resend frees it."""
+    quorum = scenario.quorum(3, FSYNC_ALWAYS)
+    redlock = Redlock(quorum.urls)
+    lock = redlock.acquire("shared", ttl=30)
+    quorum.kill(0)
+    if how == "release":
+        assert lock.release() is True  # the two others confirmed
+    else:
+        lock.release_nowait()
+    time.sleep(0.5)  # the fault: the node stays down this long
+    quorum.start(0)
+    assert quorum.client(0).exists("dlock:lock:shared"), "it came back holding the lock"
+    wait_until(lambda: not quorum.client(0).exists("dlock:lock:shared"), 5, message="the resent release")
+    assert not any(quorum.client(i).exists("dlock:lock:shared") for i in (1, 2))
+
+
+def test_a_stalled_minority_costs_nothing(scenario: Scenario) -> None:
+    """2 of 5 nodes SIGSTOPped: 60 cycles, and none waits for them, whatever their connections do.
+
+    The unread replies pile up until the connections are dropped, the dial
+    again hangs (the kernel accepts, the node never answers), and from then
+    on the node is dialled only in the background.  A cycle that waited for
+    a stalled node would take the socket timeout (1 s here).
+    """
+    quorum = scenario.quorum(5)
+    redlock = Redlock(quorum.urls, socket_timeout=1.0)
+    redlock.acquire("shared", ttl=5).release()  # connected to every node
+    quorum.pause(3, 4)
+    try:
+        slowest = 0.0
+        for _ in range(60):  # past the 32 unread replies after which a connection is dropped
+            started = time.monotonic()
+            assert redlock.acquire("shared", ttl=5, blocking=False).release() is True
+            slowest = max(slowest, time.monotonic() - started)
+    finally:
+        quorum.resume(3, 4)
+    assert slowest < 0.5, f"a cycle took {slowest:.3f}s: it waited for a stalled node"
+    # Resumed, the nodes are dialled again in the background and take part again.
+    wait_until(lambda: _cycle_reaches_all(redlock, quorum), 10, message="the resumed nodes to be used again")
+
+
+def _cycle_reaches_all(redlock: Redlock, quorum: Quorum) -> bool:
+    with redlock.acquire("shared", ttl=5, blocking=False):
+        return all(quorum.client(i).exists("dlock:lock:shared") for i in range(len(quorum)))
 
 
 def test_a_blocked_acquire_does_not_spin_on_its_own_cleanup(scenario: Scenario) -> None:
