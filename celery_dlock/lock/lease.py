@@ -31,8 +31,8 @@ LostCallback = Callable[["Lock", DLockError], None]
 class LeaseManager(Protocol):
     """What a :class:`Lock` needs of the lock manager that granted it."""
 
-    def renew_lease(self, key: str, owner: str, ttl: float) -> float:
-        """Renew ``owner``'s lease on a quorum; returns when it stops being valid (monotonic)."""
+    def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "") -> float:
+        """Renew ``owner``'s lease on a quorum, repairing nodes that lost it; returns when it stops being valid."""
         ...
 
     def release_lease(self, key: str, owner: str, *, wait: bool = True) -> bool:
@@ -67,6 +67,7 @@ class Lock:
         max_hold: float | None = None,
         count_as: str | None = None,
         watchdog: Watchdog | None = None,
+        meta: str = "",
     ) -> None:
         #: The key as the caller gave it, without the prefix.
         self.key = key
@@ -93,6 +94,7 @@ class Lock:
         self._lost = False
         self._mutex = threading.Lock()
         self._watchdog = watchdog
+        self._meta = meta
 
     def __repr__(self) -> str:
         state = "released" if self._released else "lost" if self.lost else f"{self.remaining():.3f}s left"
@@ -167,7 +169,7 @@ class Lock:
             if self.lost:
                 raise LockLost(f"lock {self.key!r} lapsed before it was extended", key=self.key)
             ttl = self.ttl if ttl is None else check_ttl(ttl)
-            valid_until = self._manager.renew_lease(self.key, self._owner, ttl)
+            valid_until = self._manager.renew_lease(self.key, self._owner, ttl, token=self.token, meta=self._meta)
             fault_point("mid-extend")  # the nodes renewed; this process has not yet seen it
             self._valid_until = valid_until
             self.ttl = ttl
@@ -207,7 +209,7 @@ class Lock:
                 return False
             self._released = True
             try:
-                self._manager.renew_lease(self.key, self._owner, seconds)
+                self._manager.renew_lease(self.key, self._owner, seconds, token=self.token, meta=self._meta)
             except DLockError:
                 self._lost = True
                 return False

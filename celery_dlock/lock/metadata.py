@@ -12,11 +12,11 @@ import json
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["StoredLock", "holder_metadata", "parse_lock_hash", "parse_metadata"]
+__all__ = ["StoredLock", "holder_metadata", "parse_lock_hash", "parse_metadata", "quorum_holder"]
 
 _HOST = socket.gethostname()
 
@@ -63,3 +63,16 @@ def parse_lock_hash(reply: Any) -> StoredLock | None:
     return StoredLock(
         owner.decode(errors="replace"), int(fields.get(b"token", 0)), parse_metadata(fields.get(b"meta")) or {}
     )
+
+
+def quorum_holder(replies: Sequence[Any], quorum: int) -> dict[str, Any] | None:
+    """The metadata and highest token of the owner whose lock hash at least ``quorum`` of ``replies`` hold."""
+    copies: dict[str, list[StoredLock]] = {}
+    for reply in replies:
+        stored = parse_lock_hash(reply)
+        if stored is not None:
+            copies.setdefault(stored.owner, []).append(stored)
+    for held in copies.values():
+        if len(held) >= quorum:
+            return {**held[0].meta, "token": max(copy.token for copy in held)}
+    return None

@@ -33,7 +33,7 @@ from .errors import LockBusy, LockLost, LockUnavailable
 from .faults import fault_point
 from .keyspace import DEFAULT_PREFIX, Keyspace
 from .lease import Lock, LostCallback
-from .metadata import StoredLock, holder_metadata, parse_lock_hash, parse_metadata
+from .metadata import holder_metadata, parse_metadata, quorum_holder
 from .nodes import Member, Reply
 from .quorum import Quorum
 from .resend import Resender
@@ -230,6 +230,7 @@ class Redlock:
             max_hold=max_hold,
             count_as=count_as,
             watchdog=watchdog,
+            meta=meta,
         )
         if watchdog is not None:
             watchdog.watch(lock, self.extend_every)
@@ -305,15 +306,7 @@ class Redlock:
         one left on a minority) is not reported.
         """
         check_key(key)
-        copies: dict[str, list[StoredLock]] = {}
-        for reply in self._quorum.read_all(pack("HGETALL", self.keyspace.lock(key))):
-            stored = parse_lock_hash(reply)
-            if stored is not None:
-                copies.setdefault(stored.owner, []).append(stored)
-        for held in copies.values():
-            if len(held) >= self.quorum:
-                return {**held[0].meta, "token": max(copy.token for copy in held)}
-        return None
+        return quorum_holder(self._quorum.read_all(pack("HGETALL", self.keyspace.lock(key))), self.quorum)
 
     def count(self, label: str, event: str, amount: int = 1) -> None:
         """Add to the counter ``<label>:<event>``, written to every node at most ``flush_every`` s later."""
@@ -347,19 +340,26 @@ class Redlock:
         """When a lease of ``ttl`` granted after ``started`` stops being safe to rely on (monotonic)."""
         return started + ttl - (ttl * self.drift_factor + _DRIFT_FLOOR)
 
-    def renew_lease(self, key: str, owner: str, ttl: float) -> float:
+    def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "") -> float:
         """Renew ``owner``'s lease on a quorum; returns the new end of its validity.
 
-        Raises :class:`LockLost` when a quorum no longer holds it for
-        ``owner``, and :class:`LockUnavailable` when too few nodes answered.
+        Nodes found without the lock (restarted empty, say) get it back, with
+        ``token`` and ``meta`` and only the validity left, once a quorum has
+        renewed it.  Raises :class:`LockLost` when a quorum no longer holds
+        it for ``owner``, and :class:`LockUnavailable` when too few answered.
         """
         started = time.monotonic()
         command = scripts.extend_call(self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000))
-        replies = self._quorum.broadcast(command, granted=scripts.done)
+        replies = self._quorum.read_all(command)  # every reply: the nodes that lost it are repaired
         valid_until = self.lease_end(started, ttl)
-        if self._quorum.agreeing(replies, scripts.done) and time.monotonic() < valid_until:
+        left_ms = math.floor((valid_until - time.monotonic()) * 1000)
+        if self._quorum.agreeing(replies, scripts.done) and left_ms > 0:
+            lost = [node for node, reply in zip(self.nodes, replies, strict=True) if scripts.missing(reply)]
+            if lost:
+                repair = scripts.repair_call(self.keyspace, key, owner=owner, token=token, meta=meta, lease_ms=left_ms)
+                self._quorum.send_all(repair, lost)
             return valid_until
-        if sum(1 for r in replies if scripts.refused(r)) > len(self.nodes) - self.quorum:
+        if sum(1 for r in replies if scripts.refused(r) or scripts.missing(r)) > len(self.nodes) - self.quorum:
             raise LockLost(f"lock {key!r} is no longer ours on a quorum of nodes", key=key)
         raise LockUnavailable.for_key(
             key, attempts=1, errors=self._quorum.errors(replies), reason="could not extend on a quorum"

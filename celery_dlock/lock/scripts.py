@@ -26,6 +26,7 @@ __all__ = [
     "NEXT_TOKEN",
     "RELEASE",
     "RELEASE_PREFIX",
+    "REPAIR",
     "acquire_call",
     "add_counts_call",
     "done",
@@ -33,10 +34,12 @@ __all__ = [
     "fence_floor_call",
     "fenced",
     "force_release_call",
+    "missing",
     "parse_acquire",
     "refused",
     "release_call",
     "release_prefix_call",
+    "repair_call",
 ]
 
 # -- plain locks ------------------------------------------------------------------------
@@ -93,19 +96,49 @@ def parse_acquire(reply: Any) -> Granted | Held | None:
     return None
 
 
-#: Renew the lease if the lock is still the owner's: 1, else 0.
+#: Renew the lease if the lock is still the owner's: 1; 0 if another's; -1 if the node has none.
 EXTEND: Final = Script(
     "extend",
     keys=("lock",),
     args=("owner", "lease_ms"),
     body="""
-if redis.call('HGET', lock, 'owner') == owner then
+local holder = redis.call('HGET', lock, 'owner')
+if holder == owner then
     redis.call('PEXPIRE', lock, lease_ms)
     return 1
+end
+if not holder then
+    return -1
 end
 return 0
 """,
 )
+
+#: Put back a lock a node lost (a restart, a wipe, an early expiry) while a
+#: quorum still holds it: only where the key is free, for the lease left.
+REPAIR: Final = Script(
+    "repair",
+    keys=("lock",),
+    args=("owner", "token", "meta", "lease_ms"),
+    body="""
+if redis.call('EXISTS', lock) == 1 then
+    return 0
+end
+redis.call('HSET', lock, 'owner', owner, 'token', token, 'meta', meta)
+redis.call('PEXPIRE', lock, lease_ms)
+return 1
+""",
+)
+
+
+def missing(reply: Any) -> bool:
+    """Whether :data:`EXTEND` answered that the node holds no lock on the key."""
+    return isinstance(reply, int) and reply == -1
+
+
+def repair_call(space: Keyspace, key: str, *, owner: str, token: int, meta: str, lease_ms: int) -> bytes:
+    """Pack :data:`REPAIR`."""
+    return REPAIR.call([space.lock(key)], [owner, token, meta, lease_ms])
 
 
 def done(reply: Any) -> bool:
@@ -240,4 +273,4 @@ def add_counts_call(space: Keyspace, counts: Mapping[tuple[str, str], int]) -> b
 
 
 #: Every plain-lock script.
-ALL: Final = (ACQUIRE, EXTEND, RELEASE, RELEASE_PREFIX, FORCE_RELEASE, FENCE_FLOOR, ADD_COUNTS)
+ALL: Final = (ACQUIRE, EXTEND, REPAIR, RELEASE, RELEASE_PREFIX, FORCE_RELEASE, FENCE_FLOOR, ADD_COUNTS)
