@@ -330,7 +330,7 @@ class Node:
         link: _Link | None = getattr(self._local, "link", None)
         if link is not None:
             if link.pid == os.getpid() and link.conn._sock is not None and link.stale <= MAX_STALE_REPLIES:
-                if link.stale or not link.used or not _closed_by_peer(link.conn):
+                if not link.used or not self._closed_by_peer(link):
                     return link
                 logger.debug("node %s closed our connection; dialling again", self.name)
             elif link.stale > MAX_STALE_REPLIES:
@@ -347,6 +347,15 @@ class Node:
             raise
         link = self._local.link = _Link(conn)
         return link
+
+    def _closed_by_peer(self, link: _Link) -> bool:
+        """Whether the server closed ``link``: past the stale replies already in, it has more to read, or EOF."""
+        try:
+            if link.stale and not self._skip_stale(link, block=False):
+                return False  # a stale reply is still on its way: the connection is alive
+            return link.conn.can_read(0)
+        except (RedisError, OSError):
+            return True
 
     def _dial(self) -> Connection:
         """A new connection with the scripts loaded, or the error that stopped it."""
@@ -395,14 +404,6 @@ class Node:
             self._suspect = True
             self._back_off()
         logger.debug("node %s failed: %r", self.name, exc)
-
-
-def _closed_by_peer(conn: Connection) -> bool:
-    """Whether a connection that owes us no reply has something to read: the server's close, usually."""
-    try:
-        return conn.can_read(0)
-    except (RedisError, OSError):
-        return True
 
 
 def _reconnectable(link: _Link, exc: BaseException) -> bool:

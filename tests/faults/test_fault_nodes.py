@@ -296,6 +296,25 @@ def test_a_release_that_missed_a_node_reaches_it_once_it_is_back(scenario: Scena
     assert not any(quorum.client(i).exists("dlock:lock:shared") for i in (1, 2))
 
 
+def test_a_release_reaches_a_restarted_node_whose_last_reply_was_never_read(scenario: Scenario) -> None:
+    """Node 0 hangs through the acquire, so its reply is left unread; it then restarts holding the lock.
+
+    The release skips the unread reply, finds the connection closed behind
+    it, and goes out on a new one.
+    """
+    quorum = scenario.quorum(3, FSYNC_ALWAYS)
+    redlock = Redlock(quorum.urls)
+    redlock.acquire("warm", ttl=5).release()  # connected to every node
+    quorum.pause(0)
+    lock = redlock.acquire("shared", ttl=30)  # nodes 1 and 2 decide; node 0's reply is left unread
+    quorum.resume(0)
+    wait_until(lambda: quorum.client(0).exists("dlock:lock:shared"), 5, message="node 0 to run the acquire")
+    quorum.restart(0)
+    assert quorum.client(0).exists("dlock:lock:shared"), "it came back holding the lock"
+    lock.release_nowait()
+    wait_until(lambda: not any(quorum.client(i).exists("dlock:lock:shared") for i in range(3)), 5)
+
+
 def test_a_stalled_minority_costs_nothing(scenario: Scenario) -> None:
     """2 of 5 nodes SIGSTOPped: 60 cycles, and none waits for them, whatever their connections do.
 
