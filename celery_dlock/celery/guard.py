@@ -32,7 +32,7 @@ from ..lock.handoff import AlreadyClaimed, HandoffPending, QueuedLock
 from ..lock.lease import Lock
 from .app_state import AppLocks, locks_for
 from .busy import on_busy, outside_worker, requeue
-from .events import LossReporter, describe, report, send_task_event, store_outcome
+from .events import LossReporter, RunWatch, describe, report, send_task_event, store_outcome
 from .handoffs import hand_on, message_of, publish_handoff, ticket_of
 from .headers import BEAT_SLOT_HEADER
 from .keys import KeySpec
@@ -169,6 +169,7 @@ class SingleFlight:
         key = self.run_key(self.key_for(task, args, kwargs), policy, _scheduled_time(request))
         hold_for = _hold_seconds(policy.hold, policy.ttl)
         on_lost = LossReporter(task, app, task_id, hostname)
+        watch = RunWatch(locks, self.label(task), request)
         try:
             if policy.queues and task is not None and request is not None and not outside_worker(request):
                 lock = self._acquire_queued(task, app, request, policy, key, on_lost)
@@ -195,6 +196,7 @@ class SingleFlight:
             raise requeue(task, app, request, policy, down)  # noqa: B904
 
         send_task_event(app, "task-lock-acquired", uuid=task_id, hostname=hostname, key=key, token=lock.token)
+        watch.granted(lock)
         locks.hold(lock)
         context = _current.set(lock)
         succeeded = False
@@ -205,6 +207,7 @@ class SingleFlight:
         finally:
             _current.reset(context)
             locks.drop(lock)
+            watch.ended(lock, kept=succeeded and bool(hold_for))
             if succeeded and hold_for:
                 lock.keep(hold_for())
             else:
