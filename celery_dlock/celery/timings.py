@@ -34,6 +34,8 @@ HISTOGRAMS: Final = ("wait_seconds", "hold_seconds")
 
 _BOUNDS: Final = tuple("+Inf" if bound == math.inf else format(bound, "g") for bound in BUCKETS)
 _SUM: Final = "_sum_us"
+#: Each histogram's bucket events, by bucket, made once rather than per observation.
+_BUCKET_EVENTS: Final = {name: tuple(f"{name}_le_{bound}" for bound in _BOUNDS) for name in HISTOGRAMS}
 
 
 class Observer(Protocol):
@@ -45,10 +47,9 @@ class Observer(Protocol):
 
 
 def observe(counters: Observer, task: str, name: str, seconds: float) -> None:
-    """Add one observation of ``seconds`` (at least 0) to the histogram ``name`` of ``task``."""
+    """Add one observation of ``seconds`` (at least 0) to the histogram ``name`` (of :data:`HISTOGRAMS`) of ``task``."""
     seconds = max(0.0, seconds)
-    index = bisect.bisect_left(BUCKETS, seconds)
-    counters.count(task, f"{name}_le_{_BOUNDS[index]}")
+    counters.count(task, _BUCKET_EVENTS[name][bisect.bisect_left(BUCKETS, seconds)])
     counters.count(task, name + _SUM, round(seconds * 1_000_000))
 
 
