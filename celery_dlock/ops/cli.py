@@ -231,11 +231,13 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
 )
 @click.pass_context
 def top(ctx: click.Context, interval: float) -> None:
-    """A live view of the hottest keys, their holders, waiters and parked messages.
+    """A live view of the hottest keys and the lock rates.
 
-    Refreshed every second, with the acquired, busy and lost rates per task
-    over the last minute; q or Ctrl-C quits.  When stdout is not a terminal
-    it prints one table (two samples INTERVAL apart, for the rates) and exits.
+    The held keys, hottest first, with their holders, how long each has held,
+    and the waiters and parked messages behind them; and the acquired, busy
+    and lost rates per task over the last minute.  Refreshed every second; q
+    or Ctrl-C quits.  When stdout is not a terminal it prints one table (two
+    samples INTERVAL apart, for the rates) and exits.
     """
     viewer = Top(_app(ctx))
     if sys.stdout.isatty() and sys.stdin.isatty():
@@ -258,10 +260,11 @@ def top(ctx: click.Context, interval: float) -> None:
 @_json_option
 @click.pass_context
 def history(ctx: click.Context, key: str, count: int, as_json: bool) -> None:
-    """Show the latest grants, releases, losses and forced releases of KEY.
+    """Show the history of the lock on KEY.
 
+    Its latest grants, releases, losses and forced releases, oldest first.
     Kept only with the dlock_history setting on: each key's stream holds its
-    latest dlock_history entries, oldest shown first.
+    latest dlock_history entries.
     """
     locks = locks_for(_app(ctx))
     if not locks.settings.history:
@@ -289,9 +292,11 @@ def history(ctx: click.Context, key: str, count: int, as_json: bool) -> None:
 )
 @click.pass_context
 def metrics(ctx: click.Context, port: int, address: str) -> None:
-    """Serve Prometheus metrics on /metrics: the shared counters and the live keyspace.
+    """Serve Prometheus metrics on --port.
 
-    Needs the metrics extra: pip install 'celery-dlock[metrics]'.
+    At http://ADDRESS:PORT/metrics: the shared counters, the wait and hold
+    histograms, and the locks held and messages parked right now.  Needs the
+    metrics extra: pip install 'celery-dlock[metrics]'.
     """
     app = _app(ctx)
     try:
