@@ -3,7 +3,8 @@
 The worker runs with ``dlock_metrics`` on; the exporter is a real ``celery
 -A worker_app dlock metrics`` process; its page is parsed by
 ``prometheus_client``'s text parser and checked against the known counts:
-one holder, three messages parked behind it, two duplicates skipped.
+one holder, three messages parked behind it, two duplicates skipped, and
+one requeued until the key is free.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.timeout(90)
 
 QUEUED = "wa.queue_section"
 SKIPPED = "wa.skip_section"
+REQUEUED = "wa.requeue_section"
 
 
 @pytest.fixture
@@ -53,6 +55,7 @@ def test_the_exporter_counts_a_contended_key(stack: Stack) -> None:
         granted_by = time.time()
         parked = [stack.send(QUEUED, key, 0.0, flag) for _ in range(3)]
         skipped = [stack.send(SKIPPED, key) for _ in range(2)]
+        requeued = stack.send(REQUEUED, key, 0.0)
         for result in skipped:
             stack.result(result)
 
@@ -69,11 +72,17 @@ def test_the_exporter_counts_a_contended_key(stack: Stack) -> None:
         assert value(live, "celery_dlock_up") == 1
         assert value(live, "celery_dlock_busy_total", task=SKIPPED) == 2
         assert value(live, "celery_dlock_acquired_total", task=SKIPPED) == 0
-        parked_by = time.time()
+        wait_until(
+            lambda: (value(exporter.samples(), "celery_dlock_busy_total", task=REQUEUED) or 0) >= 1,
+            15,
+            interval=0.1,
+            message="the requeued run's first attempt",
+        )
+        parked_by = time.time()  # every waiting run has had its first delivery
 
         stack.recorder.set(flag, 1)  # the holder ends; each parked message is handed on in turn
         flagged_at = time.time()
-        for result in [holder, *parked]:
+        for result in [holder, *parked, requeued]:
             stack.result(result)
         done = scrape_until(
             exporter,
@@ -82,6 +91,8 @@ def test_the_exporter_counts_a_contended_key(stack: Stack) -> None:
                 ("celery_dlock_released_total", QUEUED): 4,
                 ("celery_dlock_wait_seconds_count", QUEUED): 4,
                 ("celery_dlock_hold_seconds_count", QUEUED): 4,
+                ("celery_dlock_acquired_total", REQUEUED): 1,
+                ("celery_dlock_wait_seconds_count", REQUEUED): 1,
             },
         )
     finally:
@@ -101,6 +112,11 @@ def test_the_exporter_counts_a_contended_key(stack: Stack) -> None:
         if name == "celery_dlock_wait_seconds_bucket" and dict(labels)["task"] == QUEUED
     }
     assert max(buckets.values()) == 4 and buckets[(("le", "+Inf"), ("task", QUEUED))] == 4
+    # The requeued run's wait spans all its copies: from its first delivery,
+    # before parked_by, to after the last parked run.
+    assert (value(done, "celery_dlock_requeued_total", task=REQUEUED) or 0) >= 1
+    requeued_wait = value(done, "celery_dlock_wait_seconds_sum", task=REQUEUED)
+    assert requeued_wait is not None and requeued_wait >= flagged_at - parked_by
     held = value(done, "celery_dlock_hold_seconds_sum", task=QUEUED)
     assert held is not None and held >= flagged_at - granted_by, "the holder held until the flag"
     assert not [name for name, labels in done if any(k == "key" for k, _ in labels)], "no per-key labels"
