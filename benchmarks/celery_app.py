@@ -131,13 +131,14 @@ def _plain(app: Celery, urls: Urls) -> object:
     return app.task(name=TASK_NAME, bind=True, shared=False)(_body(urls.recorder))
 
 
-def _ours(on_busy: str | None, key: str | None) -> Callable[[Celery, Urls], object]:
-    """``@single_flight`` under ``@app.task``: by argument hash, or one key."""
+def _ours(on_busy: str | None, key: str | None, **settings: object) -> Callable[[Celery, Urls], object]:
+    """``@single_flight`` under ``@app.task``: by argument hash, or one key; ``settings`` are more ``dlock_*``."""
 
     def define(app: Celery, urls: Urls) -> object:
         from celery_dlock import single_flight
 
         app.conf.dlock_redis_url = urls.locks_db("ours")
+        app.conf.update({f"dlock_{name}": value for name, value in settings.items()})
         if on_busy is not None:
             app.conf.update(CONTENTION_SETTINGS)
             guarded = single_flight(key=key, on_busy=on_busy)(_body(urls.recorder))
@@ -197,6 +198,8 @@ def _celery_heimdall(app: Celery, urls: Urls) -> object:
 VARIANTS: Final[Mapping[str, Callable[[Celery, Urls], object]]] = {
     "plain": _plain,
     "ours": _ours(None, None),
+    "ours-metrics": _ours(None, None, metrics=True),
+    "ours-history": _ours(None, None, history=100),
     "celery-once": _celery_once,
     "celery-singleton": _celery_singleton,
     "celery-heimdall": _celery_heimdall,

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..lock.handoff import HandoffQueue
 from ..lock.redlock import Lock, Redlock
+from .history import HistoryLog
 from .settings import Settings
 
 __all__ = ["AppLocks", "locks_for"]
@@ -31,6 +32,7 @@ class AppLocks:
         self.events = bool(app.conf.worker_send_task_events)
         self._redlock: Redlock | None = None
         self._handoff_queue: HandoffQueue | None = None
+        self._history: HistoryLog | None = None
         self._held: set[Lock] = set()
         self._mutex = threading.Lock()
 
@@ -56,6 +58,13 @@ class AppLocks:
             self._handoff_queue = HandoffQueue(self.redlock)
         return self._handoff_queue
 
+    @property
+    def history(self) -> HistoryLog:
+        """The key history entries this process writes (``dlock_history``), made on first use."""
+        if self._history is None:
+            self._history = HistoryLog(self.redlock, self.settings.history)
+        return self._history
+
     def hold(self, lock: Lock) -> None:
         """Remember a lock held by a task body running in this process."""
         self._held.add(lock)
@@ -71,9 +80,11 @@ class AppLocks:
         return sum(1 for lock in held if lock.release())
 
     def flush_counts(self) -> None:
-        """Write the counters this process has not written yet (see :meth:`Redlock.flush_counts`)."""
+        """Write the counts and history entries this process has not written yet (:meth:`Redlock.flush_counts`)."""
         if self._redlock is not None:
             self._redlock.flush_counts()
+        if self._history is not None:
+            self._history.flush()
 
 
 _registry: weakref.WeakKeyDictionary[Any, AppLocks] = weakref.WeakKeyDictionary()

@@ -31,9 +31,20 @@ from celery.utils.saferepr import saferepr
 
 from ..lock.errors import DLockError
 from ..lock.lease import Lock
-from .app_state import locks_for
+from .app_state import AppLocks, locks_for
+from .headers import first_delivery
+from .timings import observe
 
-__all__ = ["LossReporter", "Throttle", "describe", "log_prefix", "report", "send_task_event", "store_outcome"]
+__all__ = [
+    "LossReporter",
+    "RunWatch",
+    "Throttle",
+    "describe",
+    "log_prefix",
+    "report",
+    "send_task_event",
+    "store_outcome",
+]
 
 logger = logging.getLogger(__name__)
 task_logger = get_task_logger(__name__)
@@ -110,20 +121,55 @@ class LossReporter:
             error,
             extra=log_prefix(self.task, self.task_id),
         )
+        locks = locks_for(self.app)
         if lock.count_as:
-            locks_for(self.app).redlock.count(lock.count_as, "lost")
-        send_task_event(
-            self.app,
-            "task-lock-lost",
-            uuid=self.task_id,
-            hostname=self.hostname,
-            key=lock.key,
-            token=lock.token,
-            reason=str(error),
-        )
+            locks.redlock.count(lock.count_as, "lost")
+        facts: dict[str, Any] = {"token": lock.token, "reason": str(error)}
+        locks.history.record(lock.key, "lost", task=lock.count_as, task_id=self.task_id, worker=self.hostname, **facts)
+        send_task_event(self.app, "task-lock-lost", uuid=self.task_id, hostname=self.hostname, key=lock.key, **facts)
         hook = getattr(self.task, "on_lock_lost", None)
         if hook is not None:
             hook(lock, error)
+
+
+class RunWatch:
+    """What one locked run adds to the metrics and to its key's history, besides its events.
+
+    Made as the run starts, which is when a first delivery is stamped on the
+    message (:func:`~celery_dlock.celery.headers.first_delivery`); told of the
+    grant and of the body's end.  With ``dlock_metrics`` and ``dlock_history``
+    both off, it does nothing.
+    """
+
+    def __init__(self, locks: AppLocks, task: str, request: Context | None) -> None:
+        self.locks = locks
+        self.task = task
+        self.task_id: str | None = getattr(request, "id", None)
+        self.worker: str | None = getattr(request, "hostname", None)
+        self.metrics = locks.settings.metrics
+        self.history = locks.settings.history > 0
+        #: When the run's message was first delivered (Unix time); 0 without metrics.
+        self.arrived = first_delivery(request) if self.metrics else 0.0
+
+    def granted(self, lock: Lock) -> None:
+        """The run holds ``lock``: observe its wait, and record the grant."""
+        if self.metrics:
+            observe(self.locks.redlock, self.task, "wait_seconds", time.time() - self.arrived)
+        if self.history:
+            self._record(lock, "granted")
+
+    def ended(self, lock: Lock, *, kept: bool) -> None:
+        """The body ended and ``lock`` is about to be released, or ``kept`` (``hold``)."""
+        held = time.monotonic() - lock.acquired_at
+        if self.metrics:
+            observe(self.locks.redlock, self.task, "hold_seconds", held)
+        if self.history and not lock.lost:  # a loss was recorded when it was seen
+            self._record(lock, "kept" if kept else "released", held=f"{held:.3f}")
+
+    def _record(self, lock: Lock, event: str, **fields: str) -> None:
+        self.locks.history.record(
+            lock.key, event, task=self.task, task_id=self.task_id, worker=self.worker, token=lock.token, **fields
+        )
 
 
 class Throttle:

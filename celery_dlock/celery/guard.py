@@ -32,7 +32,7 @@ from ..lock.handoff import AlreadyClaimed, HandoffPending, QueuedLock
 from ..lock.lease import Lock
 from .app_state import AppLocks, locks_for
 from .busy import busy_action, on_busy, outside_worker, requeue
-from .events import LossReporter, describe, report, send_task_event, store_outcome
+from .events import LossReporter, RunWatch, describe, report, send_task_event, store_outcome
 from .handoffs import hand_on, message_of, publish_handoff, ticket_of
 from .headers import BEAT_SLOT_HEADER
 from .keys import KeySpec
@@ -176,6 +176,7 @@ class SingleFlight:
         key = self.run_key(base, policy, _scheduled_time(request))
         hold_for = _hold_seconds(policy.hold, policy.ttl)
         on_lost = LossReporter(task, app, task_id, hostname)
+        watch = RunWatch(locks, self.label(task), request)
         try:
             if policy.queues and task is not None and request is not None and not outside_worker(request):
                 lock = self._acquire_queued(task, app, request, policy, key, on_lost)
@@ -205,6 +206,7 @@ class SingleFlight:
         # The run lock is held before the queue lock goes, so that "life" never has a gap.
         free_queue_lock(locks.redlock, base, queued)
         send_task_event(app, "task-lock-acquired", uuid=task_id, hostname=hostname, key=key, token=lock.token)
+        watch.granted(lock)
         locks.hold(lock)
         context = _current.set(lock)
         succeeded = False
@@ -215,6 +217,7 @@ class SingleFlight:
         finally:
             _current.reset(context)
             locks.drop(lock)
+            watch.ended(lock, kept=succeeded and bool(hold_for))
             if succeeded and hold_for:
                 lock.keep(hold_for())
             else:

@@ -117,6 +117,12 @@ class Settings:
     #: Options of ``sentinel://`` lock URLs, named as in Celery's
     #: ``broker_transport_options``: ``master_name``, ``sentinel_kwargs``.
     transport_options: dict[str, Any] | None = None
+    #: Record each run's lock wait and hold times as histogram counts in the
+    #: shared counters, for ``celery dlock metrics`` (see ``docs/operations.md``).
+    metrics: bool = False
+    #: Keep this many of the latest grants, releases, losses and forced
+    #: releases of each key in a capped stream, for ``celery dlock history``; 0 keeps none.
+    history: int = 0
 
     PREFIX: ClassVar[str] = "dlock_"
 
@@ -358,6 +364,12 @@ def _symbol(name: str, value: Any) -> str:
     return str(value)
 
 
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
 def _options(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(f"{name}: expected a dict of options, got {type(value).__name__}")
@@ -390,6 +402,8 @@ CHECKS: Final[Mapping[str, Check]] = {
     "hold": _positive,
     "sentinel_master": _name,
     "transport_options": _options,
+    "metrics": _flag,
+    "history": _count,
 }
 
 

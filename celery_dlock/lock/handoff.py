@@ -255,6 +255,10 @@ class HandoffQueue:
             raise LockUnavailable.for_key(None, attempts=1, errors=[(self._node.name, exc)]) from None
         return keys
 
+    def queued_keys(self) -> list[str]:
+        """Every key with messages parked on it (for operators)."""
+        return [key.decode() for key in self._queued_keys()]
+
     def queued(self, key: str) -> list[str]:
         """The tickets parked on ``key``, oldest first (for operators)."""
         reply = self._execute(pack("LRANGE", self._space.queue(key), 0, -1), key)

@@ -114,6 +114,10 @@ class Keyspace:
         """The hash from each parked ticket of ``key`` to its payload."""
         return f"{self.prefix}parked:{self._tagged(key)}"
 
+    def history(self, key: str) -> str:
+        """The capped stream of ``key``'s grants, releases, losses and forced releases (``dlock_history``)."""
+        return f"{self.prefix}history:{self._tagged(key)}"
+
     def stats_field(self, label: str, event: str) -> str:
         """The field of :attr:`stats` counting ``event`` under ``label`` (the scripts spell it alike)."""
         return f"{label}:{event}"

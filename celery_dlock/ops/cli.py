@@ -9,15 +9,19 @@ works on the app given to ``celery -A``::
     celery -A proj dlock purge --prefix ledger:
     celery -A proj dlock stats
     celery -A proj dlock doctor
+    celery -A proj dlock top
+    celery -A proj dlock history ledger:42
+    celery -A proj dlock metrics --port 9808
 
-The work is done by :mod:`celery_dlock.ops.inspect` and :mod:`celery_dlock.ops.doctor`;
-this module only formats it.
+The work is done by :mod:`celery_dlock.ops.inspect`, :mod:`celery_dlock.ops.doctor`,
+:mod:`celery_dlock.ops.top` and :mod:`celery_dlock.ops.metrics`; this module only formats it.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, Final, TypeVar
@@ -29,10 +33,13 @@ from celery.platforms import EX_FAILURE, EX_UNAVAILABLE
 from redis.exceptions import RedisError
 
 from ..celery.app_state import locks_for
+from ..celery.timings import is_histogram_event
 from ..lock.errors import LockUnavailable
 from ..lock.keyspace import glob_escape
 from .doctor import Check, Verdict, diagnose, worst
 from .inspect import HeldLock, Released, force_release, held_locks, lock_details, parked_tickets
+from .tables import duration, table, timestamp
+from .top import Top, render, run_live, sample_twice
 
 __all__ = ["EVENTS", "dlock"]
 
@@ -40,6 +47,8 @@ __all__ = ["EVENTS", "dlock"]
 EVENTS: Final = ("acquired", "busy", "requeued", "skipped", "lost", "released", "parked", "coalesced")
 
 _LIST_COLUMNS: Final = ("KEY", "KIND", "TASK", "TASK ID", "HOST", "PID", "TOKEN", "TTL", "HELD")
+
+_HISTORY_COLUMNS: Final = ("TIME", "EVENT", "TOKEN", "TASK", "TASK ID", "WORKER", "HELD", "DETAIL")
 
 _VERDICT_COLOURS: Final = {Verdict.OK: "green", Verdict.WARN: "yellow", Verdict.FAIL: "red"}
 
@@ -167,7 +176,7 @@ def purge(ctx: click.Context, prefix: str, yes: bool) -> None:
         ctx.obj.echo(f"no held locks start with {prefix!r}")
         return
     _confirm(ctx, found, yes)
-    released = force_release(app, [lock.key for lock in found])
+    released = force_release(app, [lock.key for lock in found], command="purge")
     _echo_released(ctx, released)
     ctx.obj.echo(f"released {len(released.removed)} lock(s)")
 
@@ -178,13 +187,14 @@ def purge(ctx: click.Context, prefix: str, yes: bool) -> None:
 def stats(ctx: click.Context, as_json: bool) -> None:
     """Show the lock counters of each task: acquired, busy, requeued..."""
     counters = locks_for(_app(ctx)).redlock.stats()
-    events = [*EVENTS, *sorted({event for counts in counters.values() for event in counts} - set(EVENTS))]
-    table = {task: {event: counts.get(event, 0) for event in events} for task, counts in sorted(counters.items())}
+    found = {event for counts in counters.values() for event in counts if not is_histogram_event(event)}
+    events = [*EVENTS, *sorted(found - set(EVENTS))]
+    by_task = {task: {event: counts.get(event, 0) for event in events} for task, counts in sorted(counters.items())}
     if as_json:
-        _echo_json(ctx, table)
-    elif table:
-        rows = [[task, *(str(n) for n in counts.values())] for task, counts in table.items()]
-        ctx.obj.echo(_table(["TASK", *(event.upper() for event in events)], rows))
+        _echo_json(ctx, by_task)
+    elif by_task:
+        rows = [[task, *(str(n) for n in counts.values())] for task, counts in by_task.items()]
+        ctx.obj.echo(table(["TASK", *(event.upper() for event in events)], rows))
     else:
         ctx.obj.echo("no counters yet")
 
@@ -208,6 +218,99 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
         _echo_checks(ctx, checks)
     if verdict is Verdict.FAIL:
         ctx.exit(EX_FAILURE)
+
+
+@dlock.command(cls=DLockCommand)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    cls=CeleryOption,
+    help_group="Display Options",
+    help="Seconds between refreshes.",
+)
+@click.pass_context
+def top(ctx: click.Context, interval: float) -> None:
+    """A live view of the hottest keys and the lock rates.
+
+    The held keys, hottest first, with their holders, how long each has held,
+    and the waiters and parked messages behind them; and the acquired, busy
+    and lost rates per task over the last minute.  Refreshed every second; q
+    or Ctrl-C quits.  When stdout is not a terminal it prints one table (two
+    samples INTERVAL apart, for the rates) and exits.
+    """
+    viewer = Top(_app(ctx))
+    if sys.stdout.isatty() and sys.stdin.isatty():
+        run_live(viewer, interval)
+    else:
+        ctx.obj.echo("\n".join(render(sample_twice(viewer, interval))))
+
+
+@dlock.command(cls=DLockCommand)
+@click.argument("key")
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(min=1),
+    default=20,
+    cls=CeleryOption,
+    help_group="Output Options",
+    help="How many of the latest entries to show.",
+)
+@_json_option
+@click.pass_context
+def history(ctx: click.Context, key: str, count: int, as_json: bool) -> None:
+    """Show the history of the lock on KEY.
+
+    Its latest grants, releases, losses and forced releases, oldest first.
+    Kept only with the dlock_history setting on: each key's stream holds its
+    latest dlock_history entries.
+    """
+    locks = locks_for(_app(ctx))
+    if not locks.settings.history:
+        ctx.obj.error("no history is kept: set dlock_history (say, 100) on the app and its workers")
+        ctx.exit(1)
+    entries = locks.history.read(key, count)
+    if as_json:
+        _echo_json(ctx, [entry.as_dict() for entry in entries])
+    elif entries:
+        ctx.obj.echo(table(_HISTORY_COLUMNS, [_history_row(entry.as_dict()) for entry in entries]))
+    else:
+        ctx.obj.echo(f"no history for {key!r}")
+
+
+@dlock.command(cls=DLockCommand)
+@click.option(
+    "--port", type=int, default=9808, cls=CeleryOption, help_group="Exporter Options", help="Port to listen on."
+)
+@click.option(
+    "--address",
+    default="0.0.0.0",
+    cls=CeleryOption,
+    help_group="Exporter Options",
+    help="Address to listen on.",
+)
+@click.pass_context
+def metrics(ctx: click.Context, port: int, address: str) -> None:
+    """Serve Prometheus metrics on --port.
+
+    At http://ADDRESS:PORT/metrics: the shared counters, the wait and hold
+    histograms, and the locks held and messages parked right now.  Needs the
+    metrics extra: pip install 'celery-dlock[metrics]'.
+    """
+    app = _app(ctx)
+    try:
+        from .metrics import serve  # noqa: PLC0415 - prometheus_client is optional
+    except ImportError as exc:
+        raise CeleryCommandException(
+            message=f"{exc}: install the metrics extra, pip install 'celery-dlock[metrics]'", exit_code=EX_FAILURE
+        ) from exc
+    server = serve(app, port, address)
+    ctx.obj.echo(f"serving celery_dlock metrics on http://{address}:{server.server_port}/metrics")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.shutdown()
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -259,8 +362,26 @@ def _holder(holder: dict[str, Any]) -> str:
     return f"{who} on {holder.get('hostname', '?')} pid {holder.get('pid', '?')}"
 
 
+def _history_row(entry: dict[str, Any]) -> list[str]:
+    if entry["event"] == "forced":
+        detail = f"by {entry.get('by', '?')} ({entry.get('command', 'release')})"
+    else:
+        detail = entry.get("reason", "")
+    held = entry.get("held")
+    return [
+        timestamp(entry["at"], precise=True),
+        entry["event"],
+        entry.get("token", "-"),
+        entry.get("task", "-"),
+        entry.get("task_id", "-"),
+        entry.get("worker", "-"),
+        duration(float(held)) if held else "-",
+        detail,
+    ]
+
+
 def _lock_table(locks: Sequence[HeldLock]) -> str:
-    return _table(_LIST_COLUMNS, [_lock_row(lock) for lock in locks])
+    return table(_LIST_COLUMNS, [_lock_row(lock) for lock in locks])
 
 
 def _lock_row(lock: HeldLock) -> list[str]:
@@ -273,8 +394,8 @@ def _lock_row(lock: HeldLock) -> list[str]:
         lock.hostname or "-",
         str(lock.pid) if lock.pid is not None else "-",
         str(lock.token),
-        _duration(lock.ttl_left),
-        _duration(lock.held_for),
+        duration(lock.ttl_left),
+        duration(lock.held_for),
     ]
 
 
@@ -290,41 +411,15 @@ def _describe(lock: HeldLock) -> str:
         ("hostname", lock.hostname or "-"),
         ("pid", str(lock.pid) if lock.pid is not None else "-"),
         ("token", str(lock.token)),
-        ("ttl left", _duration(lock.ttl_left)),
-        ("held for", _duration(lock.held_for)),
-        ("acquired", _timestamp(lock.meta.get("acquired_at"))),
+        ("ttl left", duration(lock.ttl_left)),
+        ("held for", duration(lock.held_for)),
+        ("acquired", timestamp(lock.meta.get("acquired_at"))),
         ("nodes", f"{lock.nodes} of {lock.of_nodes}"),
         ("handoff", reserved),
         *((name, json.dumps(value)) for name, value in sorted(extra.items())),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in [headers, *rows]
-    ]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def _timestamp(value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
 
 
 def _echo_json(ctx: click.Context, data: Any) -> None:

@@ -8,12 +8,18 @@ script); :mod:`celery_dlock.ops.cli` only formats them.
   and never KEYS.  A lock's owner value is never exposed, only whether the
   lock is a handoff reservation for a parked ticket.
 * :func:`force_release` deletes locks whoever holds them, then hands their
-  parked messages on so that none is stranded.
+  parked messages on so that none is stranded.  With ``dlock_history`` on,
+  each forced release goes into its key's history with the operator who ran
+  it (:func:`operator`).
 """
 
 from __future__ import annotations
 
+import getpass
+import os
+import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -39,6 +45,8 @@ __all__ = [
     "force_release",
     "held_locks",
     "lock_details",
+    "operator",
+    "parked_by_task",
     "parked_tickets",
 ]
 
@@ -137,6 +145,17 @@ def parked_tickets(app: Celery, key: str, *, timeout: float = OPERATOR_TIMEOUT) 
     tickets = locks.handoff_queue.queued(key)
     payloads = locks.handoff_queue.parked_payloads(key, tickets)
     return [ParkedTicket(ticket, _task_of(payload)) for ticket, payload in zip(tickets, payloads, strict=True)]
+
+
+def parked_by_task(app: Celery) -> dict[str, int]:
+    """How many messages are parked in handoff queues, by task name (``-`` if unreadable)."""
+    locks = locks_for(app)
+    if len(locks.settings.redis_url) != 1:
+        return {}
+    counts: Counter[str] = Counter()
+    for key in locks.handoff_queue.queued_keys():
+        counts.update(parked.task or "-" for parked in parked_tickets(app, key))
+    return dict(counts)
 
 
 def _gather(locks: AppLocks, keys_of: Callable[[redis.Redis], Iterable[str]], timeout: float) -> list[HeldLock]:
@@ -238,20 +257,42 @@ class Released:
     handoffs: list[Handoff]
 
 
-def force_release(app: Celery, keys: Iterable[str]) -> Released:
+def force_release(app: Celery, keys: Iterable[str], *, command: str = "release") -> Released:
     """Delete the locks on ``keys`` whoever holds them, then hand on their queues.
 
     The holders, if still running, are no longer protected.  When a released
     key had parked messages (possible with a single lock node only), the
     queues whose lock is gone are swept and their next messages published,
-    as the worker's periodic sweep would do a few seconds later.
+    as the worker's periodic sweep would do a few seconds later.  Each
+    release is recorded in its key's history (``dlock_history``) as
+    ``forced``, with the ``command`` and the :func:`operator`.
     """
     locks = locks_for(app)
     keys = list(keys)
     queued = len(locks.settings.redis_url) == 1 and any(locks.handoff_queue.queued(key) for key in keys)
     removed = {}
+    by = operator()
     for key in keys:
         holder = locks.redlock.force_release(key)
         if holder is not None:
             removed[key] = holder
+            locks.history.record(
+                key,
+                "forced",
+                by=by,
+                command=command,
+                token=holder.get("token"),
+                task=holder.get("task"),
+                task_id=holder.get("label"),
+            )
+    locks.history.flush(wait=True)
     return Released(removed, hand_on_stranded(app) if queued else [])
+
+
+def operator() -> str:
+    """Who runs this process, as ``user@host``, for the history of a forced release."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER: a bare container
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"

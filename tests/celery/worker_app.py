@@ -14,6 +14,8 @@ Everything comes from the environment:
   redelivery happens within a test.
 * ``DLOCK_TEST_SWEEP_INTERVAL``: ``dlock_sweep_interval``, the seconds between
   the worker's sweeps of handoff queues whose holder died.
+* ``DLOCK_TEST_METRICS=1``: ``dlock_metrics``; ``DLOCK_TEST_HISTORY``:
+  ``dlock_history`` (``tests/ops/test_metrics.py``, ``test_history.py``).
 
 Every task body runs inside :func:`section`, which pushes one JSON line to
 the ``runs`` list when the body starts (task id, key, token, pid, node,
@@ -63,6 +65,10 @@ app.conf.update(
     result_expires=600,
     worker_redirect_stdouts=False,
 )
+if os.environ.get("DLOCK_TEST_METRICS") == "1":
+    app.conf.dlock_metrics = True
+if os.environ.get("DLOCK_TEST_HISTORY"):
+    app.conf.dlock_history = int(os.environ["DLOCK_TEST_HISTORY"])
 if VISIBILITY_TIMEOUT:
     app.conf.broker_transport_options = {
         "visibility_timeout": float(VISIBILITY_TIMEOUT),
@@ -97,6 +103,14 @@ def wait_section(self: Task, key: str, hold: float = 0.02) -> int:
 def requeue_section(self: Task, key: str, hold: float = 0.02) -> int:
     with section(self, key) as lock:
         time.sleep(hold)
+    return lock.token if lock else 0
+
+
+@app.task(name="wa.skip_section", bind=True)
+@single_flight(key="{key}", ttl=30, on_busy="skip")
+def skip_section(self: Task, key: str) -> int:
+    with section(self, key) as lock:
+        pass
     return lock.token if lock else 0
 
 

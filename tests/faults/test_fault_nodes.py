@@ -376,7 +376,7 @@ def test_renewals_repair_a_long_held_lock_on_nodes_that_lost_it(scenario: Scenar
         client = quorum.client(index)
         assert not client.exists("dlock:lock:shared")
         wait_until(
-            lambda: client.hget("dlock:lock:shared", "owner") == lock.owner.encode(),  # noqa: B023
+            lambda: client.hget("dlock:lock:shared", "owner") == lock.owner.encode(),
             5,
             message=f"a renewal to put the lock back on node {index}",
         )

@@ -20,24 +20,16 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery.bin.base import CLIContext
-from click.testing import CliRunner, Result
+from support.cli import run_dlock as run
 from support.redis_servers import RedisServer
 
 from celery_dlock import Redlock, single_flight
-from celery_dlock.ops.cli import EVENTS, dlock
+from celery_dlock.ops.cli import EVENTS
 from celery_dlock.ops.inspect import lock_details, parked_tickets
 from celery_dlock.testing.plugin import assert_skipped
 from celery_dlock.testing.polling import wait_until
 
 UNREACHABLE = "redis://127.0.0.1:1/0"
-
-
-def run(app: Celery, *args: str, input: str | None = None, code: int = 0) -> Result:
-    """Invoke ``celery dlock ARGS`` on ``app``; check the exit code."""
-    result = CliRunner().invoke(dlock, list(args), input=input, obj=CLIContext(app=app, no_color=True, workdir=None))
-    assert result.exit_code == code, f"exit {result.exit_code}:\n{result.output}\n{result.exception!r}"
-    return result
 
 
 @pytest.fixture
