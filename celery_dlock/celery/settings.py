@@ -112,6 +112,12 @@ class Settings:
     #: runs, as ``"module:Class"`` (such as django-celery-beat's
     #: ``"django_celery_beat.schedulers:DatabaseScheduler"``).
     beat_scheduler: str | None = None
+    #: Keep a done-marker for each task id that succeeded, so that a
+    #: redelivered copy (``acks_late``) is acked and not run again.
+    dedupe_completed: bool = False
+    #: How long a done-marker lasts, in seconds: keep it above the broker's
+    #: ``visibility_timeout``, the longest a redelivery can come after the run.
+    dedupe_ttl: float = 7200.0
     #: The master name for ``sentinel://`` lock URLs (Celery's ``master_name``).
     sentinel_master: str | None = None
     #: Options of ``sentinel://`` lock URLs, named as in Celery's
@@ -358,6 +364,12 @@ def _symbol(name: str, value: Any) -> str:
     return str(value)
 
 
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
 def _options(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(f"{name}: expected a dict of options, got {type(value).__name__}")
@@ -390,6 +402,8 @@ CHECKS: Final[Mapping[str, Check]] = {
     "hold": _positive,
     "sentinel_master": _name,
     "transport_options": _options,
+    "dedupe_completed": _flag,
+    "dedupe_ttl": _positive,
 }
 
 

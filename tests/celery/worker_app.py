@@ -241,6 +241,14 @@ def long_once_skip(self: Task, key: str, first: float = 6.0, again: float = 0.1)
     return lock.token if lock else 0
 
 
+@app.task(name="wa.long_once_dedupe", bind=True)
+@single_flight(key="{key}", ttl=30, on_busy="requeue", requeue_delay=0.1, requeue_max_delay=0.5, dedupe_completed=True)
+def long_once_dedupe(self: Task, key: str, first: float = 6.0, again: float = 0.1) -> int:
+    with section(self, key) as lock:
+        time.sleep(first if _first_time(self) else again)
+    return lock.token if lock else 0
+
+
 # -- handoff queues: on_busy="queue" and "coalesce" (test_handoff_worker.py) -----------
 
 SWEEP_INTERVAL = os.environ.get("DLOCK_TEST_SWEEP_INTERVAL")
