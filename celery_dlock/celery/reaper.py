@@ -54,6 +54,7 @@ __all__ = [
     "Liveness",
     "OfflineReaper",
     "WorkerLock",
+    "offline_locks",
     "release_locks",
     "silent_workers",
     "worker_locks",
@@ -143,6 +144,23 @@ def silent_workers(app: Any, hostnames: Collection[str], timeout: float = PING_T
     replies = app.control.ping(destination=sorted(hostnames), timeout=timeout) or []
     answered = {name for reply in replies for name in reply}
     return set(hostnames) - answered
+
+
+def offline_locks(app: Any, *, grace: float, timeout: float = PING_TIMEOUT) -> list[WorkerLock]:
+    """The locks of workers that leave two pings, ``grace`` seconds apart, unanswered.
+
+    For ``celery dlock reap``, which has no history of heartbeats: the
+    workers are the ones named in the lock owners, and the second ping is
+    the confirmation round that a worker paused for less than ``grace``
+    (a GC pause, a network blip) answers.
+    """
+    redlock = locks_for(app).redlock
+    held = worker_locks(redlock)
+    silent = silent_workers(app, {run.hostname for run in held}, timeout)
+    if silent:
+        time.sleep(grace)
+        silent &= silent_workers(app, silent, timeout)
+    return [run for run in worker_locks(redlock, silent) if run in held] if silent else []
 
 
 class Liveness:

@@ -14,9 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from celery import states
+from celery import Celery, states
+from celery.bin.base import CLIContext
+from click.testing import CliRunner
 from support.worker_stack import Stack, new_key, stacks
 
+from celery_dlock import Redlock
+from celery_dlock.celery.guard import owner_prefix
+from celery_dlock.ops.cli import dlock
 from celery_dlock.testing.worker_process import WorkerProcess
 
 HEARTBEAT = 1.0
@@ -60,6 +65,40 @@ def test_a_worker_paused_past_its_heartbeat_expiry_but_within_the_grace_keeps_it
     assert result.state == states.SUCCESS and result.result == run["token"]
     assert len(stack.runs(key=key)) == 1 and len(stack.sections(key)) == 1
     assert "reclaimed" not in observer.log and "lost mid-body" not in holder.log
+
+
+def test_celery_dlock_reap_releases_only_the_locks_of_workers_that_answer_no_ping(
+    pair: tuple[Stack, WorkerProcess, WorkerProcess],
+) -> None:
+    stack, _, _ = pair
+    live_key, dead_key = new_key("live"), new_key("dead")
+    live = stack.send("wa.hold", live_key, 8.0, queue="held")
+    (run,) = stack.wait_run(live.id)
+    # What a worker killed before any observer heard of it leaves behind.
+    left = Redlock(stack.lock_urls)
+    left.acquire(dead_key, 600, owner_prefix=owner_prefix("t-dead", "gone@nowhere"), label="t-dead")
+    app = Celery("reap-cli", broker=stack.broker.url, set_as_current=False)
+    app.conf.dlock_redis_url = stack.lock_urls
+
+    def reap(*args: str) -> str:
+        result = CliRunner().invoke(
+            dlock, ["reap", "--grace", "0.5", *args], obj=CLIContext(app=app, no_color=True, workdir=None)
+        )
+        assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+        return result.output
+
+    listed = reap("--dry-run")
+    assert dead_key in listed and "gone@nowhere" in listed and "t-dead" in listed
+    assert live_key not in listed and "none released" in listed
+    assert stack.lock_exists(dead_key)
+
+    assert "released 1 lock(s) of 1 offline worker(s)" in reap("--yes")
+    assert not stack.lock_exists(dead_key)
+    assert stack.lock_token(live_key) == run["token"]  # the live worker answered: kept
+    assert stack.result(live).result == run["token"]
+    assert "no locks of offline workers" in reap("--yes")
+    left.close()
+    app.close()
 
 
 def test_sigkill_of_the_whole_worker_frees_its_lock_within_a_few_heartbeats(
