@@ -27,7 +27,7 @@ MAX_LINES = 460
 FOREIGN_PUBLIC = {"_replace", "_sock"}
 
 #: Redis key names that only lock/keyspace.py may spell: ``lock:<key>`` and the like.
-KEY_NAME = re.compile(r"(?<![A-Za-z_])(lock|queue|parked|released|fence|stats|queues|history):(?! )")
+KEY_NAME = re.compile(r"(?<![A-Za-z_])(lock|queue|parked|released|fence|stats|queues|history|done):(?! )")
 
 
 def modules() -> Iterator[tuple[str, ast.Module]]:

@@ -56,6 +56,7 @@ def single_flight(
     scope: str | None = None,
     on_duplicate: str | None = None,
     queue_ttl: float | None = None,
+    dedupe_completed: bool | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -84,6 +85,9 @@ def single_flight(target: Any = None, /, **options: Any) -> Any:
             runs out, or a period (seconds or a timedelta) to the end of the
             current slot of that length, so that duplicates of one periodic
             run run once.  Duplicates are skipped unless ``on_busy`` is given.
+        dedupe_completed: Keep a done-marker per task id after a success
+            (for ``dlock_dedupe_ttl`` seconds), so that a redelivered copy
+            of a task that already succeeded is acked and not run again.
 
     Used bare, as ``@single_flight``, every option takes its default.
     """

@@ -1,7 +1,7 @@
 """What the plugin tells monitors: task events, counters, and lost-lock reports.
 
 ``task-lock-acquired``, ``task-requeued``, ``task-skipped``, ``task-parked``,
-``task-coalesced`` and ``task-lock-lost`` reach Flower and ``celery events``
+``task-coalesced``, ``task-deduped`` and ``task-lock-lost`` reach Flower and ``celery events``
 like Celery's own task events, and are sent only when those are
 (``worker_send_task_events``, or ``celery worker -E``).  ``task-duplicate``
 and ``task-replaced`` are sent by the publisher, where a publish met a

@@ -32,6 +32,7 @@ from ..lock.handoff import AlreadyClaimed, HandoffPending, QueuedLock
 from ..lock.lease import Lock
 from .app_state import AppLocks, locks_for
 from .busy import busy_action, on_busy, outside_worker, requeue
+from .dedupe import completed, mark_completed
 from .events import LossReporter, RunWatch, describe, report, send_task_event, store_outcome
 from .handoffs import hand_on, message_of, publish_handoff, ticket_of
 from .headers import BEAT_SLOT_HEADER
@@ -205,6 +206,9 @@ class SingleFlight:
 
         # The run lock is held before the queue lock goes, so that "life" never has a gap.
         free_queue_lock(locks.redlock, base, queued)
+        dedupes = policy.dedupe_completed and task_id is not None and not outside_worker(request)
+        if dedupes:
+            self._skip_completed(task, app, request, policy, lock, base, queued)
         send_task_event(app, "task-lock-acquired", uuid=task_id, hostname=hostname, key=key, token=lock.token)
         watch.granted(lock)
         locks.hold(lock)
@@ -217,13 +221,11 @@ class SingleFlight:
         finally:
             _current.reset(context)
             locks.drop(lock)
+            if succeeded and dedupes:
+                # Under the lock, so a copy that takes it next sees the marker.
+                mark_completed(locks.redlock, str(task_id), policy.dedupe_ttl)
             watch.ended(lock, kept=succeeded and bool(hold_for))
-            if succeeded and hold_for:
-                lock.keep(hold_for())
-            else:
-                lock.release_nowait()
-            if isinstance(lock, QueuedLock) and lock.handoff is not None:
-                hand_on(app, lock.handoff)
+            _let_go(app, lock, hold_for() if succeeded and hold_for else None)
 
     def _not_taken(
         self,
@@ -245,6 +247,29 @@ class SingleFlight:
             # The message ends here: only a requeued copy still waits, keeping the queue lock.
             free_queue_lock(locks_for(app).redlock, base, queued)
         return ending
+
+    def _skip_completed(
+        self,
+        task: Task | None,
+        app: Celery,
+        request: Context | None,
+        policy: Policy,
+        lock: Lock,
+        base: str,
+        queued: str | None,
+    ) -> None:
+        """Raise ``Ignore`` (the message is acked, unrun) if this task id already succeeded."""
+        task_id = str(getattr(request, "id", ""))
+        try:
+            done = completed(locks_for(app).redlock, task_id)
+        except LockUnavailable as down:
+            lock.release_nowait()
+            raise self._not_taken(task, app, request, policy, down, base, queued) from None
+        if done and task is not None and request is not None:
+            lock.release_nowait()
+            logger.info("%s already succeeded: acked, not run again (dedupe_completed)", describe(task, task_id))
+            report(app, task, request, "deduped", key=lock.key)
+            raise Ignore()
 
     def release_dead_run(
         self, task: Task, task_id: str, hostname: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]
@@ -340,6 +365,16 @@ class SingleFlight:
             logger.info("parked behind the holder of %r: %s", key, busy)
             report(app, task, request, "parked", key=key)
         return True
+
+
+def _let_go(app: Celery, lock: Lock, hold: float | None) -> None:
+    """End a run's hold on its lock: keep it ``hold`` seconds more, or release it and hand on its queue."""
+    if hold is not None:
+        lock.keep(hold)
+    else:
+        lock.release_nowait()
+    if isinstance(lock, QueuedLock) and lock.handoff is not None:
+        hand_on(app, lock.handoff)
 
 
 def _scheduled_time(request: Context | None) -> float:

@@ -63,6 +63,10 @@ class SingleFlightOptions:
     #: The publish-time lock's lease beyond the countdown or eta, in seconds
     #: (``dlock_queue_ttl``).
     queue_ttl: float | None = None
+    #: Keep a done-marker per task id after a success, so that a redelivered
+    #: copy of a task that already succeeded is acked and not run again
+    #: (``dlock_dedupe_completed``).
+    dedupe_completed: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.hold, timedelta):
@@ -129,6 +133,8 @@ class SingleFlightOptions:
             scope=pick("scope"),
             on_duplicate=pick("on_duplicate"),
             queue_ttl=pick("queue_ttl"),
+            dedupe_completed=pick("dedupe_completed"),
+            dedupe_ttl=settings.dedupe_ttl,
         )
         if policy.requeue_max_delay < policy.requeue_delay:
             policy = replace(policy, requeue_max_delay=policy.requeue_delay)
@@ -154,6 +160,8 @@ class Policy:
     scope: str = "run"
     on_duplicate: str = "return"
     queue_ttl: float = 3600.0
+    dedupe_completed: bool = False
+    dedupe_ttl: float = 7200.0
 
     @property
     def queues(self) -> bool:
@@ -187,6 +195,7 @@ _CHECKED: Final = (
     "scope",
     "on_duplicate",
     "queue_ttl",
+    "dedupe_completed",
 )
 
 #: The options of the lock held while the body runs, which ``scope="queue"`` does not take.
@@ -201,6 +210,7 @@ _RUN_LOCK_OPTIONS: Final = (
     "max_queued",
     "queue_full",
     "hold",
+    "dedupe_completed",
 )
 
 #: The options each scope has no use for, and why, for the error that refuses them.

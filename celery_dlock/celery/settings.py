@@ -112,6 +112,18 @@ class Settings:
     #: runs, as ``"module:Class"`` (such as django-celery-beat's
     #: ``"django_celery_beat.schedulers:DatabaseScheduler"``).
     beat_scheduler: str | None = None
+    #: Keep a done-marker for each task id that succeeded, so that a
+    #: redelivered copy (``acks_late``) is acked and not run again.
+    dedupe_completed: bool = False
+    #: How long a done-marker lasts, in seconds: keep it above the broker's
+    #: ``visibility_timeout``, the longest a redelivery can come after the run.
+    dedupe_ttl: float = 7200.0
+    #: Let each worker's main process release the locks of a worker that
+    #: Celery reports offline (its heartbeats stopped), see docs/reclaim.md.
+    reclaim_offline: bool = False
+    #: Seconds of silence beyond Celery's own heartbeat expiry (two heartbeat
+    #: intervals) before an offline worker is pinged and, if silent, reaped.
+    reclaim_grace: float = 4.0
     #: The master name for ``sentinel://`` lock URLs (Celery's ``master_name``).
     sentinel_master: str | None = None
     #: Options of ``sentinel://`` lock URLs, named as in Celery's
@@ -404,6 +416,10 @@ CHECKS: Final[Mapping[str, Check]] = {
     "transport_options": _options,
     "metrics": _flag,
     "history": _count,
+    "dedupe_completed": _flag,
+    "dedupe_ttl": _positive,
+    "reclaim_offline": _flag,
+    "reclaim_grace": _seconds,
 }
 
 

@@ -32,6 +32,7 @@ from .checks import task_problems
 from .guard import guard_of
 from .handoffs import hand_on_stranded
 from .publish import install as install_publish_check
+from .reaper import OfflineReaper
 from .settings import broker_visibility_timeout, unknown_settings
 
 __all__ = ["SettingsCheck", "check_worker", "connect_signals"]
@@ -66,6 +67,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # Signal receivers cannot stop a worker (their errors are only logged), but
     # a bootstep that raises does: the check runs as one, before the pool starts.
     sender.app.steps["worker"].add(SettingsCheck)
+    # Enabled only with dlock_reclaim_offline (it reads the setting itself).
+    sender.app.steps["consumer"].add(OfflineReaper)
 
 
 class SettingsCheck(bootsteps.StartStopStep):  # type: ignore[misc]

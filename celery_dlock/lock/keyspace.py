@@ -118,6 +118,14 @@ class Keyspace:
         """The capped stream of ``key``'s grants, releases, losses and forced releases (``dlock_history``)."""
         return f"{self.prefix}history:{self._tagged(key)}"
 
+    def done(self, task_id: str) -> str:
+        """The done-marker of a task run that succeeded (a string, expiring after the dedupe bound).
+
+        Written by the Celery layer with ``dedupe_completed``, so that a
+        redelivered copy of a task that already succeeded is not run again.
+        """
+        return f"{self.prefix}done:{self._tagged(task_id)}"
+
     def stats_field(self, label: str, event: str) -> str:
         """The field of :attr:`stats` counting ``event`` under ``label`` (the scripts spell it alike)."""
         return f"{label}:{event}"

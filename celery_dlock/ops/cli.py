@@ -7,6 +7,7 @@ works on the app given to ``celery -A``::
     celery -A proj dlock show ledger:42
     celery -A proj dlock release ledger:42
     celery -A proj dlock purge --prefix ledger:
+    celery -A proj dlock reap --dry-run
     celery -A proj dlock stats
     celery -A proj dlock doctor
     celery -A proj dlock top
@@ -33,6 +34,7 @@ from celery.platforms import EX_FAILURE, EX_UNAVAILABLE
 from redis.exceptions import RedisError
 
 from ..celery.app_state import locks_for
+from ..celery.reaper import offline_locks, release_locks
 from ..celery.timings import is_histogram_event
 from ..lock.errors import LockUnavailable
 from ..lock.keyspace import glob_escape
@@ -179,6 +181,48 @@ def purge(ctx: click.Context, prefix: str, yes: bool) -> None:
     released = force_release(app, [lock.key for lock in found], command="purge")
     _echo_released(ctx, released)
     ctx.obj.echo(f"released {len(released.removed)} lock(s)")
+
+
+@dlock.command(cls=DLockCommand)
+@click.option(
+    "--dry-run",
+    cls=CeleryOption,
+    is_flag=True,
+    help_group="Release Options",
+    help="List the offline workers' locks; release nothing.",
+)
+@click.option(
+    "--grace",
+    cls=CeleryOption,
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help_group="Release Options",
+    help="Seconds between the two pings a worker must leave unanswered.",
+)
+@_yes_option
+@click.pass_context
+def reap(ctx: click.Context, dry_run: bool, grace: float, yes: bool) -> None:
+    """Release the locks of task runs whose worker is offline.
+
+    The workers named in the held locks' owners are pinged twice, --grace
+    seconds apart; the locks of those that answer neither ping are released
+    by their run's owner prefix, so a key taken since by a live run is kept.
+    """
+    app = _app(ctx)
+    found = offline_locks(app, grace=grace)
+    if not found:
+        ctx.obj.echo("no locks of offline workers")
+        return
+    rows = [[run.hostname, run.key, run.task_id, str(run.token)] for run in found]
+    ctx.obj.echo(table(["WORKER", "KEY", "TASK ID", "TOKEN"], rows))
+    if dry_run:
+        ctx.obj.echo(f"dry run: {len(found)} lock(s) of offline workers, none released")
+        return
+    if not yes:
+        click.confirm(f"Release {len(found)} lock(s) of offline workers?", abort=True)
+    released = release_locks(locks_for(app).redlock, found)
+    ctx.obj.echo(f"released {len(released)} lock(s) of {len({run.hostname for run in released})} offline worker(s)")
 
 
 @dlock.command(cls=DLockCommand)

@@ -46,6 +46,8 @@ class WorkerProcess(ManagedProcess):
         name: The node name before the ``@``; unique by default.
         cwd: The working directory; by default the worker's own directory.
         startup_timeout: Seconds :meth:`start` waits for ``ready``.
+        heartbeat: Send worker heartbeats this many seconds apart
+            (``--heartbeat-interval``); by default none (``--without-heartbeat``).
 
     Attributes:
         dir: The worker's directory, holding its log; deleted by :meth:`close`
@@ -67,6 +69,7 @@ class WorkerProcess(ManagedProcess):
         name: str | None = None,
         cwd: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
+        heartbeat: float | None = None,
     ) -> None:
         self.app_module = app_module
         self.concurrency = concurrency
@@ -79,8 +82,9 @@ class WorkerProcess(ManagedProcess):
             sys.executable, "-m", "celery", "-A", app_module, "worker",
             "-P", pool, "-c", str(concurrency), "-l", "INFO",
             "-n", f"{base_name}@%h",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--without-gossip", "--without-mingle",
         ]  # fmt: skip
+        command += ["--without-heartbeat"] if heartbeat is None else ["--heartbeat-interval", f"{heartbeat:g}"]
         if queues:
             command += ["-Q", ",".join(queues)]
         super().__init__(

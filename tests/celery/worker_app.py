@@ -16,6 +16,8 @@ Everything comes from the environment:
   the worker's sweeps of handoff queues whose holder died.
 * ``DLOCK_TEST_METRICS=1``: ``dlock_metrics``; ``DLOCK_TEST_HISTORY``:
   ``dlock_history`` (``tests/ops/test_metrics.py``, ``test_history.py``).
+* ``DLOCK_TEST_RECLAIM_GRACE``: turns ``dlock_reclaim_offline`` on, with this
+  ``dlock_reclaim_grace`` in seconds.
 
 Every task body runs inside :func:`section`, which pushes one JSON line to
 the ``runs`` list when the body starts (task id, key, token, pid, node,
@@ -253,6 +255,22 @@ def long_once_skip(self: Task, key: str, first: float = 6.0, again: float = 0.1)
     with section(self, key) as lock:
         time.sleep(first if _first_time(self) else again)
     return lock.token if lock else 0
+
+
+@app.task(name="wa.long_once_dedupe", bind=True)
+@single_flight(key="{key}", ttl=30, on_busy="requeue", requeue_delay=0.1, requeue_max_delay=0.5, dedupe_completed=True)
+def long_once_dedupe(self: Task, key: str, first: float = 6.0, again: float = 0.1) -> int:
+    with section(self, key) as lock:
+        time.sleep(first if _first_time(self) else again)
+    return lock.token if lock else 0
+
+
+# -- reclaiming the locks of offline workers (test_reclaim.py) --------------------------
+
+RECLAIM_GRACE = os.environ.get("DLOCK_TEST_RECLAIM_GRACE")
+if RECLAIM_GRACE:
+    app.conf.dlock_reclaim_offline = True
+    app.conf.dlock_reclaim_grace = float(RECLAIM_GRACE)
 
 
 # -- handoff queues: on_busy="queue" and "coalesce" (test_handoff_worker.py) -----------
