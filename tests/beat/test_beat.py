@@ -48,7 +48,7 @@ from support.paths import import_path
 from support.redis_servers import RedisServer
 from support.workers import CeleryWorker
 
-from celery_dlock import ConfigurationError
+from celery_dlock import ConfigurationError, Redlock
 from celery_dlock.beat import SLOT_HEADER, STALL_ALLOWANCE, MultiBeatScheduler, Slot, locate
 from celery_dlock.testing.polling import wait_until
 from celery_dlock.testing.process import ManagedProcess, log_tails, python_environment
@@ -646,6 +646,21 @@ def test_clock_skew_bound(schedulers: Callable[..., RecordingScheduler], lock_se
     assert len(within[1].published) >= 6  # the beat ahead sends; the one behind finds claims
     assert doubled(within) == []
     assert len(doubled(beyond)) >= 3, "the negative control did not double: the bound is not where we say"
+
+
+def test_beats_claim_each_slot_once_on_a_redis_cluster(
+    schedulers: Callable[..., RecordingScheduler], redis_cluster: Any
+) -> None:
+    """Three beats whose claims live on a real Redis Cluster: each slot of a 0.5 s entry is published once."""
+    entries = {"tick": {"task": "t", "schedule": 0.5}}
+    beats = [schedulers(beat_app_for(redis_cluster.url, entries)) for _ in range(3)]
+    drive(beats, time.time() + 3.0)
+    published = Counter(slot for beat in beats for _, slot in beat.published)
+    assert len(published) >= 5, published
+    assert set(published.values()) == {1}, f"a slot was published twice: {published}"
+    space = Redlock(redis_cluster.url).keyspace  # the claims' names, hash-tagged for the Cluster
+    claims = {space.key_of_lock(name) for name in redis_cluster.client().scan_iter(match=space.lock_pattern("beat:*"))}
+    assert {f"beat:tick:{slot}" for slot in published} <= claims
 
 
 def test_cron_starting_deadline_is_honoured(

@@ -4,7 +4,7 @@
 ``sa.<policy>`` for each of ``requeue``, ``skip``, ``wait``, ``raise``,
 ``queue`` and ``coalesce``: the body records its run with
 :func:`worker_app.section` and holds its key until the test sets the
-recorder key ``flag`` (if given).  Its settings are :mod:`worker_app`'s, so
+recorder key ``flag`` (if given); and ``sa.hold``, held for a period after each run.  Its settings are :mod:`worker_app`'s, so
 its locks are on ``DLOCK_TEST_LOCK_URLS`` (a Redis Cluster URL, for the
 Cluster tests); :mod:`sentinel_app` puts it behind Sentinel.
 """
@@ -19,7 +19,7 @@ from worker_app import app, delivery, section, wait_for_flag
 from celery_dlock import single_flight
 from celery_dlock.celery.settings import BUSY_POLICIES
 
-__all__ = ["POLICY_TASKS", "app"]
+__all__ = ["HOLD_SECONDS", "POLICY_TASKS", "app", "held"]
 
 
 def _policy_task(policy: str) -> Task:
@@ -35,3 +35,15 @@ def _policy_task(policy: str) -> Task:
 
 #: ``sa.requeue``, ``sa.skip``, ``sa.wait``, ``sa.raise``, ``sa.queue`` and ``sa.coalesce``.
 POLICY_TASKS = {policy: _policy_task(policy) for policy in BUSY_POLICIES}
+
+#: The period of ``sa.hold``: a run keeps its key until the period ends.
+HOLD_SECONDS = 2.0
+
+
+@app.task(name="sa.hold", bind=True)
+@single_flight(key="{key}", hold=HOLD_SECONDS, on_busy="skip")
+def held(self: Task, key: str) -> dict[str, Any]:
+    """One run per ``HOLD_SECONDS`` period of ``key``: later calls in the period are skipped."""
+    with section(self, key):
+        pass
+    return delivery(self)

@@ -11,9 +11,13 @@ app, which points at the same Cluster.
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Iterator
 
 import pytest
+from celery import states
+from policy_app import HOLD_SECONDS
 from support.cluster import ClusterTopology
 from support.worker_stack import Stack, new_key, stacks
 from test_sentinel_worker import (  # noqa: F401 - collected here, on this module's stack
@@ -28,6 +32,7 @@ from test_sentinel_worker import (  # noqa: F401 - collected here, on this modul
     verdicts,
 )
 
+from celery_dlock import TaskSkipped
 from celery_dlock.testing.polling import wait_until
 
 pytestmark = [pytest.mark.worker, pytest.mark.timeout(120)]
@@ -49,6 +54,19 @@ def test_the_worker_locks_on_the_master_of_the_keys_slot(stack: Stack, redis_clu
         name = stack.keyspace.lock(key)
         owner = redis_cluster.master_for_key(name).client()
         assert int(owner.hget(name, "token")) == run_record["token"] >= 1
+
+
+def test_hold_keeps_the_key_on_the_cluster_until_its_period_ends(stack: Stack) -> None:
+    """``hold=2``: the second call in one period is skipped; the key lives on as ``<key>@<period>``."""
+    key = new_key("hold")
+    period_start = (math.floor(time.time() / HOLD_SECONDS) + 1) * HOLD_SECONDS
+    wait_until(lambda: time.time() >= period_start + 0.05, HOLD_SECONDS + 1, interval=0.01)
+    first = stack.result(stack.send("sa.hold", key))
+    second = stack.result(stack.send("sa.hold", key))
+    assert time.time() < period_start + HOLD_SECONDS, "the test was too slow for its period"
+    assert first.state == states.SUCCESS and isinstance(second.result, TaskSkipped), (first.result, second.result)
+    assert stack.lock_exists(f"{key}@{int(period_start / HOLD_SECONDS)}"), "kept for the rest of the period"
+    assert len(stack.runs(key=key)) == 1
 
 
 def test_list_and_doctor_see_the_cluster(stack: Stack) -> None:
