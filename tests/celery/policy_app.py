@@ -4,9 +4,10 @@
 ``sa.<policy>`` for each of ``requeue``, ``skip``, ``wait``, ``raise``,
 ``queue`` and ``coalesce``: the body records its run with
 :func:`worker_app.section` and holds its key until the test sets the
-recorder key ``flag`` (if given); and ``sa.hold``, held for a period after each run.  Its settings are :mod:`worker_app`'s, so
-its locks are on ``DLOCK_TEST_LOCK_URLS`` (a Redis Cluster URL, for the
-Cluster tests); :mod:`sentinel_app` puts it behind Sentinel.
+recorder key ``flag`` (if given); and ``sa.hold``, held for a period after
+each run.  Its settings are :mod:`worker_app`'s, so its locks are on
+``DLOCK_TEST_LOCK_URLS`` (a Redis Cluster URL, for the Cluster tests);
+:mod:`sentinel_app` puts it behind Sentinel.
 """
 
 from __future__ import annotations
