@@ -591,16 +591,18 @@ def test_core_imports_without_celery() -> None:
 
 
 def test_force_release_clears_a_stuck_lock_and_wakes_waiters(redis_nodes3: RedisCluster) -> None:
+    """20 times over: a waiter listening on all three nodes is woken by the force release, not its 30 s retry."""
     redlock = Redlock(redis_nodes3.urls, retry_delay=30, retry_jitter=0)
-    stuck = redlock.acquire("stuck", ttl=60, label="crashed-task")
-    got: list[Lock] = []
-    waiter = threading.Thread(target=lambda: got.append(redlock.acquire("stuck", ttl=5, timeout=60)))
-    waiter.start()
-    assert wait_until(lambda: _subscribers(redis_nodes3, "dlock:released:stuck") == 3), "it listens on every node"
-    holder = redlock.force_release("stuck")
-    assert holder is not None and holder["label"] == "crashed-task"
-    waiter.join(10)
-    assert got and got[0].token > stuck.token
-    assert stuck.release() is False, "the old holder's release must not touch the new lock"
-    assert got[0].release() is True
+    for round_ in range(20):
+        stuck = redlock.acquire("stuck", ttl=60, label="crashed-task")
+        got: list[Lock] = []
+        waiter = threading.Thread(target=lambda: got.append(redlock.acquire("stuck", ttl=5, timeout=60)))
+        waiter.start()
+        assert wait_until(lambda: _subscribers(redis_nodes3, "dlock:released:stuck") == 3), "it listens on every node"
+        holder = redlock.force_release("stuck")
+        assert holder is not None and holder["label"] == "crashed-task"
+        waiter.join(5)  # far below the retry delay: only the release can have woken it
+        assert got and got[0].token > stuck.token, f"round {round_}: the waiter slept through the release"
+        assert stuck.release() is False, "the old holder's release must not touch the new lock"
+        assert got[0].release() is True
     assert redlock.force_release("stuck") is None
