@@ -47,6 +47,7 @@ _WRONG: dict[type | str, list[Any]] = {
     str: [3, b"bytes", ["requeue"], True],
     float: ["30", True, float("nan"), float("-inf"), [1.0], -1.0],
     int: [1.5, "3", True, -1, [1]],
+    bool: [1, 0, "yes", "false", [True]],
     "sentinel_master": [3, b"mymaster", ["mymaster"], True, ""],
     "transport_options": ["master_name=m", 3, [("master_name", "m")], True],
     "beat_scheduler": [3, b"celery.beat:PersistentScheduler", "celery.beat", "a b:C", ":Scheduler", True],
