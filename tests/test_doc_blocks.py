@@ -58,15 +58,30 @@ def servers(redis_nodes: Any) -> RedisCluster:
     return nodes
 
 
+class BlockCelery(Celery):  # type: ignore[misc]
+    """Celery whose tasks stay on their own app.
+
+    ``@app.task`` shares a task with every app made later in the process by
+    default; a block's tasks would then show up in other tests' apps.
+    """
+
+    def task(self, *args: Any, **options: Any) -> Any:
+        """``Celery.task`` with ``shared=False`` unless the block says otherwise."""
+        if len(args) == 1 and callable(args[0]) and not options:
+            return super().task(shared=False)(args[0])
+        options.setdefault("shared", False)
+        return super().task(*args, **options)
+
+
 def namespace(servers: RedisCluster, tmp_path: Path) -> dict[str, Any]:
     """The names a user's module has around the block: the package's public ones too, as earlier blocks import them."""
-    app = Celery("docs", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app = BlockCelery("docs", broker="memory://", backend="cache+memory://", set_as_current=False)
     app.conf.update(dlock_redis_url=servers.urls[0], task_always_eager=True, task_store_eager_result=False)
     return {
         **{name: getattr(celery_dlock, name) for name in celery_dlock.__all__},
         "__name__": f"docs_{uuid.uuid4().hex[:8]}",  # tasks are named after it: one per block
         "app": app,
-        "Celery": Celery,
+        "Celery": BlockCelery,
         "db": servers[0].client(),
         "conn": sqlite3.connect(":memory:"),
         "BROKER_URL": "memory://",

@@ -40,17 +40,15 @@ from ..lock.errors import LockUnavailable
 from ..lock.keyspace import glob_escape
 from .doctor import Check, Verdict, diagnose, worst
 from .inspect import HeldLock, Released, force_release, held_locks, lock_details, parked_tickets
-from .tables import duration, table, timestamp
+from .tables import table
 from .top import Top, render, run_live, sample_twice
+from .views import history_table, lock_details_text, lock_table
 
 __all__ = ["EVENTS", "dlock"]
 
 #: The counters ``celery dlock stats`` shows, in this order, per task.
 EVENTS: Final = ("acquired", "busy", "requeued", "skipped", "lost", "released", "parked", "coalesced")
 
-_LIST_COLUMNS: Final = ("KEY", "KIND", "TASK", "TASK ID", "HOST", "PID", "TOKEN", "TTL", "HELD")
-
-_HISTORY_COLUMNS: Final = ("TIME", "EVENT", "TOKEN", "TASK", "TASK ID", "WORKER", "HELD", "DETAIL")
 
 _VERDICT_COLOURS: Final = {Verdict.OK: "green", Verdict.WARN: "yellow", Verdict.FAIL: "red"}
 
@@ -113,7 +111,7 @@ def list_(ctx: click.Context, pattern: str, as_json: bool) -> None:
     if as_json:
         _echo_json(ctx, [lock.as_dict() for lock in found])
     elif found:
-        ctx.obj.echo(_lock_table(found))
+        ctx.obj.echo(lock_table(found))
     else:
         ctx.obj.echo(f"no held locks match {pattern!r}")
 
@@ -130,7 +128,7 @@ def show(ctx: click.Context, key: str, as_json: bool) -> None:
     if as_json:
         _echo_json(ctx, {"lock": lock.as_dict() if lock else None, "parked": [asdict(t) for t in tickets]})
     else:
-        ctx.obj.echo(_describe(lock) if lock else f"lock {key!r} is not held")
+        ctx.obj.echo(lock_details_text(lock) if lock else f"lock {key!r} is not held")
         if tickets:
             ctx.obj.echo(f"parked: {len(tickets)} message(s), next first")
             for number, parked in enumerate(tickets, 1):
@@ -318,7 +316,7 @@ def history(ctx: click.Context, key: str, count: int, as_json: bool) -> None:
     if as_json:
         _echo_json(ctx, [entry.as_dict() for entry in entries])
     elif entries:
-        ctx.obj.echo(table(_HISTORY_COLUMNS, [_history_row(entry.as_dict()) for entry in entries]))
+        ctx.obj.echo(history_table([entry.as_dict() for entry in entries]))
     else:
         ctx.obj.echo(f"no history for {key!r}")
 
@@ -374,7 +372,7 @@ def _app(ctx: click.Context) -> Any:
 
 def _confirm(ctx: click.Context, locks: Sequence[HeldLock], yes: bool) -> None:
     """Show what is about to be released, and ask unless ``yes``."""
-    ctx.obj.echo(_lock_table(locks))
+    ctx.obj.echo(lock_table(locks))
     if not yes:
         click.confirm(
             f"Force-release {len(locks)} lock(s)? Their holders, if still running, are no longer protected.",
@@ -404,66 +402,6 @@ def _holder(holder: dict[str, Any]) -> str:
         return f"a reservation for parked ticket {holder['handoff']}"
     who = holder.get("label") or "an untagged holder"
     return f"{who} on {holder.get('hostname', '?')} pid {holder.get('pid', '?')}"
-
-
-def _history_row(entry: dict[str, Any]) -> list[str]:
-    if entry["event"] == "forced":
-        detail = f"by {entry.get('by', '?')} ({entry.get('command', 'release')})"
-    else:
-        detail = entry.get("reason", "")
-    held = entry.get("held")
-    return [
-        timestamp(entry["at"], precise=True),
-        entry["event"],
-        entry.get("token", "-"),
-        entry.get("task", "-"),
-        entry.get("task_id", "-"),
-        entry.get("worker", "-"),
-        duration(float(held)) if held else "-",
-        detail,
-    ]
-
-
-def _lock_table(locks: Sequence[HeldLock]) -> str:
-    return table(_LIST_COLUMNS, [_lock_row(lock) for lock in locks])
-
-
-def _lock_row(lock: HeldLock) -> list[str]:
-    task_id = f"{lock.task_id} (handoff)" if lock.reserved_for else lock.task_id
-    return [
-        lock.key,
-        lock.kind,
-        lock.task or "-",
-        task_id or "-",
-        lock.hostname or "-",
-        str(lock.pid) if lock.pid is not None else "-",
-        str(lock.token),
-        duration(lock.ttl_left),
-        duration(lock.held_for),
-    ]
-
-
-def _describe(lock: HeldLock) -> str:
-    shown = ("hostname", "pid", "label", "task", "acquired_at", "handoff", "kind")
-    extra = {name: value for name, value in lock.meta.items() if name not in shown}
-    reserved = f"yes, for parked ticket {lock.reserved_for}" if lock.reserved_for else "no"
-    rows = [
-        ("key", lock.key),
-        ("kind", f"{lock.kind} lock" + (" (held from publish until the body starts)" if lock.kind == "queue" else "")),
-        ("task", lock.task or "-"),
-        ("task id", lock.task_id or "-"),
-        ("hostname", lock.hostname or "-"),
-        ("pid", str(lock.pid) if lock.pid is not None else "-"),
-        ("token", str(lock.token)),
-        ("ttl left", duration(lock.ttl_left)),
-        ("held for", duration(lock.held_for)),
-        ("acquired", timestamp(lock.meta.get("acquired_at"))),
-        ("nodes", f"{lock.nodes} of {lock.of_nodes}"),
-        ("handoff", reserved),
-        *((name, json.dumps(value)) for name, value in sorted(extra.items())),
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def _echo_json(ctx: click.Context, data: Any) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task
+from support.apps import HOLD_SECONDS
 from worker_app import app, delivery, section, wait_for_flag
 
 from celery_dlock import single_flight
@@ -36,9 +37,6 @@ def _policy_task(policy: str) -> Task:
 
 #: ``sa.requeue``, ``sa.skip``, ``sa.wait``, ``sa.raise``, ``sa.queue`` and ``sa.coalesce``.
 POLICY_TASKS = {policy: _policy_task(policy) for policy in BUSY_POLICIES}
-
-#: The period of ``sa.hold``: a run keeps its key until the period ends.
-HOLD_SECONDS = 2.0
 
 
 @app.task(name="sa.hold", bind=True)

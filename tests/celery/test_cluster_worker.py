@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from celery import states
-from policy_app import HOLD_SECONDS
+from support.apps import HOLD_SECONDS
 from support.cluster import ClusterTopology
 from support.worker_stack import Stack, new_key, stacks
 from test_sentinel_worker import (  # noqa: F401 - collected here, on this module's stack

@@ -14,7 +14,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["ENV_BROKER", "ENV_LOCKS", "ENV_RECORDER", "AppUrls", "PerProcess", "app_environment", "app_urls"]
+__all__ = [
+    "ENV_BROKER",
+    "ENV_LOCKS",
+    "ENV_RECORDER",
+    "HOLD_SECONDS",
+    "AppUrls",
+    "PerProcess",
+    "app_environment",
+    "app_urls",
+]
 
 T = TypeVar("T")
 
@@ -23,6 +32,10 @@ ENV_LOCKS = "DLOCK_TEST_LOCK_URLS"
 ENV_RECORDER = "DLOCK_TEST_RECORDER_URL"
 
 _DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+#: The period of ``policy_app``'s ``sa.hold``; here so that tests need not import
+#: the app (importing a test app registers its tasks on every app of the process).
+HOLD_SECONDS = 2.0
 
 
 def app_environment(*, broker_url: str, lock_urls: Sequence[str], recorder_url: str, **extra: Any) -> dict[str, str]:
