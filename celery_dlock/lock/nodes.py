@@ -330,7 +330,7 @@ class Node:
         link: _Link | None = getattr(self._local, "link", None)
         if link is not None:
             if link.pid == os.getpid() and link.conn._sock is not None and link.stale <= MAX_STALE_REPLIES:
-                if not link.used or not self._closed_by_peer(link):
+                if not self._closed_by_peer(link):
                     return link
                 logger.debug("node %s closed our connection; dialling again", self.name)
             elif link.stale > MAX_STALE_REPLIES:
