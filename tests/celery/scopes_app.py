@@ -6,10 +6,15 @@
 :func:`build`, so that its publishes go through the same task definitions
 and take the same publish-time locks.  The celery-once and celery-singleton
 tasks keep their locks on the same lock node, for the migration tests.
+
+With ``DLOCK_TEST_AMQP_URL`` set, the broker is that RabbitMQ instead (the
+results stay on the test's redis-server), and ``DLOCK_TEST_QUEUE`` names the
+default queue, one of the run's own, since RabbitMQ is shared between runs.
 """
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,10 +29,17 @@ from celery_dlock import single_flight
 #: The short lease of the lost-message and kill tests.
 SHORT = 2.0
 
+#: A RabbitMQ broker to use instead of the redis-server of ``urls.broker``.
+ENV_AMQP_URL = "DLOCK_TEST_AMQP_URL"
+#: The default queue, if not ``celery``.
+ENV_QUEUE = "DLOCK_TEST_QUEUE"
 
-def build(urls: AppUrls) -> SimpleNamespace:
-    """The app and its tasks, on these servers."""
-    app = Celery("scopes_app", broker=urls.broker, backend=urls.broker, set_as_current=False)
+
+def build(urls: AppUrls, amqp: str | None = None, queue: str | None = None) -> SimpleNamespace:
+    """The app and its tasks, on these servers (the broker on RabbitMQ at ``amqp``, if given)."""
+    app = Celery("scopes_app", broker=amqp or urls.broker, backend=urls.broker, set_as_current=False)
+    if queue:
+        app.conf.task_default_queue = queue
     app.conf.update(
         dlock_redis_url=urls.locks,
         dlock_requeue_delay=0.05,
@@ -116,4 +128,4 @@ def build(urls: AppUrls) -> SimpleNamespace:
     return tasks
 
 
-app = build(app_urls()).app
+app = build(app_urls(), os.environ.get(ENV_AMQP_URL), os.environ.get(ENV_QUEUE)).app
