@@ -14,6 +14,7 @@ deleted at the end.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ from kombu import Queue
 from redis.exceptions import OutOfMemoryError
 from scopes_app import ENV_QUEUE, SHORT, build
 from support.apps import AppUrls
+from support.cli import run_dlock
+from support.event_receiver import receiving
 from support.redis_servers import RedisServer
 from support.worker_stack import Stack, new_key, stacks
 from test_amqp_worker import AmqpStack, new_queue, reachable_rabbitmq
@@ -210,6 +213,40 @@ def test_on_duplicate_replace_revokes_the_waiting_copy(env: Any) -> None:
     wait_until(lambda: both_free(stack, key), 10)
 
 
+def test_duplicate_and_replaced_events_reach_an_event_receiver(env: Any) -> None:
+    """The publisher sends them where it sends ``task-sent`` events, naming the holder."""
+    stack, tasks = env
+    queue, key, other = held(stack), new_key("ev-dup"), new_key("ev-replace")
+    tasks.app.conf.task_send_sent_event = True
+    try:
+        with receiving(tasks.app) as seen:
+            first = tasks.life.apply_async((key,), queue=queue)
+            assert tasks.life.apply_async((key,), queue=queue).id == first.id
+            old = tasks.replace.apply_async((other, 1), queue=queue)
+            new = tasks.replace.apply_async((other, 2), queue=queue)
+
+            def of(type_: str, uuid: str) -> list[dict[str, Any]]:
+                return [event for event in seen if event["type"] == type_ and event.get("uuid") == uuid]
+
+            wait_until(lambda: of("task-duplicate", first.id) and of("task-replaced", old.id), 10)
+    finally:
+        tasks.app.conf.task_send_sent_event = False
+    (duplicate,) = of("task-duplicate", first.id)
+    assert (duplicate["key"], duplicate["action"]) == (key, "return")
+    assert duplicate["duplicate"] not in (None, first.id)  # the id the turned-away publish would have had
+    (replaced,) = of("task-replaced", old.id)
+    assert (replaced["key"], replaced["replaced_by"]) == (other, new.id)
+    assert not of("task-duplicate", old.id)  # a replace is no duplicate
+    held_queue(tasks, queue)
+    assert stack.result(first).successful() and stack.result(new).get()["n"] == 2
+    assert [run["id"] for run in stack.runs(key=key)] == [first.id]
+    assert [run["id"] for run in stack.runs(key=other)] == [new.id]
+    wait_until(lambda: both_free(stack, key) and both_free(stack, other), 10)
+
+
+# -- the queue lock never outlives its message -----------------------------------------------------
+
+
 def test_revoked_before_start_frees_the_queue_lock(env: Any) -> None:
     stack, tasks = env
     key, queue = new_key("revoke"), held(stack)
@@ -326,6 +363,28 @@ def test_self_retry_keeps_its_own_lock_and_never_collides(env: Any) -> None:
     assert [(run["id"], run["retries"]) for run in runs] == [(result.id, 0), (result.id, 1)]
     assert not overlaps(stack.sections(key))
     wait_until(lambda: both_free(stack, key), 10)
+
+
+def test_celery_dlock_stats_shows_the_publish_time_counters(env: Any) -> None:
+    stack, tasks = env
+    queue, key, other = held(stack), new_key("stats"), new_key("stats-replace")
+    before = {task.name: counts(tasks, task) for task in (tasks.life_drop, tasks.replace)}
+    kept = tasks.life_drop.apply_async((key,), queue=queue)
+    assert tasks.life_drop.apply_async((key,), queue=queue) is None
+    tasks.replace.apply_async((other, 1), queue=queue)
+    newest = tasks.replace.apply_async((other, 2), queue=queue)
+    by_task = json.loads(run_dlock(tasks.app, "stats", "--json").output)
+    shown = {name: {event: by_task[name][event] - n for event, n in was.items()} for name, was in before.items()}
+    assert shown == {
+        tasks.life_drop.name: {"queued": 1, "duplicate": 1, "dropped": 1, "replaced": 0},
+        tasks.replace.name: {"queued": 2, "duplicate": 0, "dropped": 0, "replaced": 1},
+    }
+    header, *rows = run_dlock(tasks.app, "stats").output.splitlines()
+    assert {"QUEUED", "DUPLICATE", "DROPPED", "REPLACED"} <= set(header.split())
+    assert {tasks.life_drop.name, tasks.replace.name} <= {row.split()[0] for row in rows}
+    held_queue(tasks, queue)
+    assert stack.result(kept).successful() and stack.result(newest).successful()
+    wait_until(lambda: both_free(stack, key) and both_free(stack, other), 10)
 
 
 def test_run_scope_takes_no_publish_lock(env: Any) -> None:
