@@ -22,7 +22,7 @@ from celery import Celery, Task
 from celery_once import QueueOnce
 from celery_singleton import Singleton
 from support.apps import AppUrls, app_urls
-from support.recording import section, wait_for_flag
+from support.recording import event, section, wait_for_flag
 
 from celery_dlock import single_flight
 
@@ -93,6 +93,16 @@ def build(urls: AppUrls, amqp: str | None = None, queue: str | None = None) -> S
             raise self.retry(countdown=1.0)
         return result
 
+    @app.task(name="sc.life_again", bind=True, shared=False)
+    @single_flight(key="{key}", ttl=30, scope="life", on_duplicate="raise", max_requeues=1000)
+    def life_again(self: Task, key: str, n: int = 0, flag: str | None = None) -> dict[str, Any]:
+        """Publish the next run of its own key from inside its run (once), then hold until ``flag``."""
+        with section(self, key):
+            if n == 0:
+                event(self, "published", child=self.apply_async((key, 1, None)).id)
+            wait_for_flag(flag)
+        return {"id": self.request.id, "n": n}
+
     # -- the anchors, and their equivalents -------------------------------------------
 
     @app.task(name="sc.once", bind=True, base=QueueOnce, shared=False, once={"graceful": False})
@@ -117,7 +127,7 @@ def build(urls: AppUrls, amqp: str | None = None, queue: str | None = None) -> S
 
     tasks.once, tasks.once_graceful, tasks.once_unlock_early = once, once_graceful, once_unlock_early
     tasks.singleton, tasks.singleton_raise = singleton, singleton_raise
-    tasks.life_short_ttl, tasks.life_retry = life_short_ttl, life_retry
+    tasks.life_short_ttl, tasks.life_retry, tasks.life_again = life_short_ttl, life_retry, life_again
     # celery-once's drop-in: scope="life" (or "queue" for unlock_before_run), key from the arguments.
     tasks.like_once = scoped("like_once", scope="life", on_duplicate="raise")
     tasks.like_once_graceful = scoped("like_once_graceful", scope="life", on_duplicate="drop")

@@ -365,6 +365,32 @@ def test_self_retry_keeps_its_own_lock_and_never_collides(env: Any) -> None:
     wait_until(lambda: both_free(stack, key), 10)
 
 
+def test_a_life_run_publishing_its_own_key_does_not_collide_with_its_run_lock(env: Any) -> None:
+    """``self.apply_async`` inside a ``"life"`` run: a new message, which waits for the run to end."""
+    stack, tasks = env
+    key, flag = new_key("again"), new_key("flag")
+    parent = tasks.life_again.delay(key, 0, flag)
+    stack.wait_run(parent.id)
+    published = wait_until(
+        lambda: [event["child"] for event in stack.events(parent.id) if event["event"] == "published"], 10
+    )
+    (child,) = published
+    assert child != parent.id
+    # The child holds the queue lock now, while its parent runs: a third publish meets the child.
+    (lock,) = [found for found in held_locks(tasks.app, queue_key(key)) if found.key == queue_key(key)]
+    assert lock.task_id == child
+    with pytest.raises(AlreadyQueued) as third:
+        tasks.life_again.delay(key, 2, None)
+    assert third.value.task_id == child
+    stack.recorder.set(flag, 1)
+    assert stack.result(parent).get() == {"id": parent.id, "n": 0}
+    assert stack.result(tasks.app.AsyncResult(child)).get() == {"id": child, "n": 1}
+    runs = stack.runs(key=key)
+    assert [run["id"] for run in runs] == [parent.id, child]  # each once, the child after its parent
+    assert not overlaps(stack.sections(key))
+    wait_until(lambda: both_free(stack, key), 10, message="the key to come free")
+
+
 def test_celery_dlock_stats_shows_the_publish_time_counters(env: Any) -> None:
     stack, tasks = env
     queue, key, other = held(stack), new_key("stats"), new_key("stats-replace")
