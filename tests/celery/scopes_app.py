@@ -6,10 +6,15 @@
 :func:`build`, so that its publishes go through the same task definitions
 and take the same publish-time locks.  The celery-once and celery-singleton
 tasks keep their locks on the same lock node, for the migration tests.
+
+With ``DLOCK_TEST_AMQP_URL`` set, the broker is that RabbitMQ instead (the
+results stay on the test's redis-server), and ``DLOCK_TEST_QUEUE`` names the
+default queue, one of the run's own, since RabbitMQ is shared between runs.
 """
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,17 +22,24 @@ from celery import Celery, Task
 from celery_once import QueueOnce
 from celery_singleton import Singleton
 from support.apps import AppUrls, app_urls
-from support.recording import section, wait_for_flag
+from support.recording import event, section, wait_for_flag
 
 from celery_dlock import single_flight
 
 #: The short lease of the lost-message and kill tests.
 SHORT = 2.0
 
+#: A RabbitMQ broker to use instead of the redis-server of ``urls.broker``.
+ENV_AMQP_URL = "DLOCK_TEST_AMQP_URL"
+#: The default queue, if not ``celery``.
+ENV_QUEUE = "DLOCK_TEST_QUEUE"
 
-def build(urls: AppUrls) -> SimpleNamespace:
-    """The app and its tasks, on these servers."""
-    app = Celery("scopes_app", broker=urls.broker, backend=urls.broker, set_as_current=False)
+
+def build(urls: AppUrls, amqp: str | None = None, queue: str | None = None) -> SimpleNamespace:
+    """The app and its tasks, on these servers (the broker on RabbitMQ at ``amqp``, if given)."""
+    app = Celery("scopes_app", broker=amqp or urls.broker, backend=urls.broker, set_as_current=False)
+    if queue:
+        app.conf.task_default_queue = queue
     app.conf.update(
         dlock_redis_url=urls.locks,
         dlock_requeue_delay=0.05,
@@ -81,6 +93,16 @@ def build(urls: AppUrls) -> SimpleNamespace:
             raise self.retry(countdown=1.0)
         return result
 
+    @app.task(name="sc.life_again", bind=True, shared=False)
+    @single_flight(key="{key}", ttl=30, scope="life", on_duplicate="raise", max_requeues=1000)
+    def life_again(self: Task, key: str, n: int = 0, flag: str | None = None) -> dict[str, Any]:
+        """Publish the next run of its own key from inside its run (once), then hold until ``flag``."""
+        with section(self, key):
+            if n == 0:
+                event(self, "published", child=self.apply_async((key, 1, None)).id)
+            wait_for_flag(flag)
+        return {"id": self.request.id, "n": n}
+
     # -- the anchors, and their equivalents -------------------------------------------
 
     @app.task(name="sc.once", bind=True, base=QueueOnce, shared=False, once={"graceful": False})
@@ -105,7 +127,7 @@ def build(urls: AppUrls) -> SimpleNamespace:
 
     tasks.once, tasks.once_graceful, tasks.once_unlock_early = once, once_graceful, once_unlock_early
     tasks.singleton, tasks.singleton_raise = singleton, singleton_raise
-    tasks.life_short_ttl, tasks.life_retry = life_short_ttl, life_retry
+    tasks.life_short_ttl, tasks.life_retry, tasks.life_again = life_short_ttl, life_retry, life_again
     # celery-once's drop-in: scope="life" (or "queue" for unlock_before_run), key from the arguments.
     tasks.like_once = scoped("like_once", scope="life", on_duplicate="raise")
     tasks.like_once_graceful = scoped("like_once_graceful", scope="life", on_duplicate="drop")
@@ -116,4 +138,4 @@ def build(urls: AppUrls) -> SimpleNamespace:
     return tasks
 
 
-app = build(app_urls()).app
+app = build(app_urls(), os.environ.get(ENV_AMQP_URL), os.environ.get(ENV_QUEUE)).app

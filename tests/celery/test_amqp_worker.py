@@ -19,7 +19,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kombu
@@ -58,9 +58,8 @@ def delete_queues(names: list[str]) -> None:
                     getattr(channel, delete)(name)
 
 
-@pytest.fixture(scope="module")
-def rabbitmq() -> str:
-    """The RabbitMQ URL, once it answers; the tests fail (not skip) if it does not."""
+def reachable_rabbitmq() -> str:
+    """The RabbitMQ URL, once it answers; the test fails (not skips) if it does not."""
     try:
         with kombu.Connection(AMQP_URL, connect_timeout=5) as connection:
             connection.connect()
@@ -69,11 +68,19 @@ def rabbitmq() -> str:
     return AMQP_URL
 
 
+@pytest.fixture(scope="module")
+def rabbitmq() -> str:
+    """The RabbitMQ URL, once it answers; the tests fail (not skip) if it does not."""
+    return reachable_rabbitmq()
+
+
 @dataclass
 class AmqpStack(Stack):
     """A :class:`Stack` whose workers and client app use RabbitMQ for the broker, on a queue of their own."""
 
     queue: str = ""
+    #: More queues the tests publish to, deleted with :attr:`queue` (see :meth:`new_queue`).
+    queues: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,11 +98,17 @@ class AmqpStack(Stack):
         options.setdefault("queue", self.queue)
         return super().send(name, *args, **options)
 
+    def new_queue(self, label: str) -> str:
+        """A queue no other run uses, deleted when the stack closes."""
+        name = new_queue(label)
+        self.queues.append(name)
+        return name
+
     def close(self) -> None:
         try:
             super().close()
         finally:
-            delete_queues([self.queue])
+            delete_queues([self.queue, *self.queues])
 
 
 @pytest.fixture(scope="module")

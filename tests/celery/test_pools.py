@@ -20,10 +20,8 @@ eventlet, whose watchdog is a green thread that such a body starves).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import threading
 import time
 import uuid
 from collections import Counter
@@ -36,6 +34,7 @@ import redis
 from celery import states
 from celery.result import AsyncResult
 from support.critical_sections import Section
+from support.event_receiver import receiving
 from support.redis_servers import RedisCluster
 from support.worker_stack import KEY_PREFIX, Stack, new_key
 from support.workers import CeleryWorker
@@ -136,29 +135,8 @@ def pooled(request: pytest.FixtureRequest, stack: Stack) -> Iterator[Pooled]:
 @pytest.fixture(scope="module")
 def task_events(stack: Stack) -> Iterator[list[dict[str, Any]]]:
     """Every task event the workers send from now on, as a real event receiver gets them."""
-    seen: list[dict[str, Any]] = []
-    ready = threading.Event()
-
-    class Receiver(stack.app.events.Receiver):  # type: ignore[name-defined,misc]
-        def on_consume_ready(self, *args: Any, **kwargs: Any) -> None:
-            super().on_consume_ready(*args, **kwargs)
-            ready.set()
-
-    connection = stack.app.connection_for_read()
-    receiver = Receiver(connection, handlers={"*": seen.append})
-
-    def receive() -> None:
-        with contextlib.suppress(OSError):
-            for _ in receiver.consume(limit=None, timeout=None, safety_interval=0.2):
-                pass
-
-    thread = threading.Thread(target=receive, name="pools-event-receiver", daemon=True)
-    thread.start()
-    assert ready.wait(10), "the event receiver did not start consuming"
-    yield seen
-    receiver.should_stop = True
-    thread.join(5)
-    connection.release()
+    with receiving(stack.app, name="pools-event-receiver") as seen:
+        yield seen
 
 
 # -- helpers ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import redis
 from celery import Celery
 from celery.exceptions import Ignore, Reject
 from support.critical_sections import read_sections, record_section
+from support.event_receiver import receiving
 from support.redis_servers import RedisServer
 
 from celery_dlock import (
@@ -511,50 +512,26 @@ def test_counters_are_kept_per_task_in_redis(tasks, celery_worker, lock_server) 
 
 
 def test_plugin_events_reach_an_event_receiver(tasks, celery_app, celery_worker, lock_server) -> None:
-    import threading
+    with receiving(celery_app) as seen:
+        holder = hold_externally(lock_server, "skip:77")
+        skipped = tasks.skipper.delay(77)
+        with pytest.raises(TaskSkipped):
+            skipped.get(timeout=10)
+        requeued = tasks.charge.delay(77)
+        holder.release()
+        hold = hold_externally(lock_server, "acct:77")
+        requeued2 = tasks.charge.delay(77)
+        assert wait_until(lambda: any(e["type"] == "task-requeued" and e["uuid"] == requeued2.id for e in seen))
+        hold.release()
+        requeued.get(timeout=20)
+        requeued2.get(timeout=20)
+        lost = tasks.losing.delay(3, lock_server.url)
+        assert lost.get(timeout=20)[0] == "lost"
 
-    seen: list[dict[str, Any]] = []
-    ready = threading.Event()
+        def has(type_: str, uuid: str) -> bool:
+            return any(e["type"] == type_ and e.get("uuid") == uuid for e in seen)
 
-    class Receiver(celery_app.events.Receiver):  # type: ignore[name-defined,misc]
-        def on_consume_ready(self, *args: Any, **kwargs: Any) -> None:
-            super().on_consume_ready(*args, **kwargs)
-            ready.set()
-
-    connection = celery_app.connection_for_read()
-    receiver = Receiver(connection, handlers={"*": seen.append})
-
-    def receive() -> None:
-        with contextlib.suppress(OSError):
-            for _ in receiver.consume(limit=None, timeout=None, safety_interval=0.2):
-                pass
-
-    thread = threading.Thread(target=receive, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-
-    holder = hold_externally(lock_server, "skip:77")
-    skipped = tasks.skipper.delay(77)
-    with pytest.raises(TaskSkipped):
-        skipped.get(timeout=10)
-    requeued = tasks.charge.delay(77)
-    holder.release()
-    hold = hold_externally(lock_server, "acct:77")
-    requeued2 = tasks.charge.delay(77)
-    assert wait_until(lambda: any(e["type"] == "task-requeued" and e["uuid"] == requeued2.id for e in seen))
-    hold.release()
-    requeued.get(timeout=20)
-    requeued2.get(timeout=20)
-    lost = tasks.losing.delay(3, lock_server.url)
-    assert lost.get(timeout=20)[0] == "lost"
-
-    def has(type_: str, uuid: str) -> bool:
-        return any(e["type"] == type_ and e.get("uuid") == uuid for e in seen)
-
-    assert wait_until(lambda: has("task-skipped", skipped.id) and has("task-lock-lost", lost.id))
-    assert has("task-lock-acquired", requeued.id)
-    skipped_event = next(e for e in seen if e["type"] == "task-skipped")
-    assert skipped_event["key"] == "skip:77"
-    receiver.should_stop = True
-    thread.join(5)
-    connection.release()
+        assert wait_until(lambda: has("task-skipped", skipped.id) and has("task-lock-lost", lost.id))
+        assert has("task-lock-acquired", requeued.id)
+        skipped_event = next(e for e in seen if e["type"] == "task-skipped")
+        assert skipped_event["key"] == "skip:77"

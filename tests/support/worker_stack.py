@@ -155,14 +155,20 @@ def stacks() -> Iterator[Callable[..., Stack]]:
     made: list[Stack] = []
     servers: list[RedisServer] = []
 
-    def make(lock_urls: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Stack:
+    def make(
+        lock_urls: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
+        kind: type[Stack] = Stack,
+        **fields: Any,
+    ) -> Stack:
+        """A stack of ``kind`` (a :class:`Stack` subclass takes its own ``fields``)."""
         broker = RedisServer().start()
         servers.append(broker)
         if lock_urls is None:
             lock_server = RedisServer().start()
             servers.append(lock_server)
             lock_urls = [lock_server.url]
-        stack = Stack(broker, list(lock_urls), dict(env or {}))
+        stack = kind(broker, list(lock_urls), dict(env or {}), **fields)
         made.append(stack)
         return stack
 
