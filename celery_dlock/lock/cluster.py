@@ -27,7 +27,7 @@ from redis.exceptions import AskError, MovedError, RedisError
 
 from .addresses import mask_url
 from .keyspace import SLOTS, key_slot
-from .nodes import NO_REPLY, Connection, Member, Node, Reply
+from .nodes import NO_REPLY, Connection, Member, Node, Reply, execute
 from .resp import first_key, pack
 
 __all__ = ["CLUSTER_SCHEMES", "ClusterNode", "is_cluster_url", "member", "parse_cluster_url"]
@@ -128,12 +128,8 @@ class ClusterNode:
         return reply
 
     def execute(self, packed: bytes) -> Reply:
-        """Send one command and wait for its reply (returned, even if an error)."""
-        try:
-            self.send(packed)
-        except RedisError as exc:
-            return exc
-        return self.read(block=True)
+        """Send one command to the master of its slot and wait for its reply (returned, even if an error)."""
+        return execute(self, packed)
 
     def abandon(self) -> None:
         """Leave the last reply unread: it is skipped before the next one."""

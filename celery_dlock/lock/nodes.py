@@ -33,7 +33,7 @@ from .addresses import resolve
 from .dialer import Dialer
 from .resp import pack
 
-__all__ = ["NO_REPLY", "Member", "Node", "Reply"]
+__all__ = ["NO_REPLY", "Member", "Node", "Reply", "execute"]
 
 logger = logging.getLogger(__name__)
 
@@ -286,11 +286,7 @@ class Node:
 
     def execute(self, packed: bytes) -> Reply:
         """Send one command and wait for its reply (returned, even if an error)."""
-        try:
-            self.send(packed)
-        except RedisError as exc:
-            return exc
-        return self.read(block=True)
+        return execute(self, packed)
 
     def abandon(self) -> None:
         """Leave the last reply unread: it is skipped before the next one."""
@@ -409,3 +405,12 @@ class Node:
 def _reconnectable(link: _Link, exc: BaseException) -> bool:
     """Whether a failure is the server having closed a connection that worked."""
     return link.used and isinstance(exc, redis.ConnectionError) and not isinstance(exc, RedisTimeoutError)
+
+
+def execute(member: Member, packed: bytes) -> Reply:
+    """Send one command to ``member`` and wait for its reply (returned, even if an error)."""
+    try:
+        member.send(packed)
+    except RedisError as exc:
+        return exc
+    return member.read(block=True)

@@ -36,6 +36,7 @@ not higher: the lock's promise that tokens rise across holders.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -226,6 +227,23 @@ class History:
     def section(self, holder: str) -> list[dict[str, Any]]:
         """The completed sections of one holder."""
         return [s for s in self.sections if s["holder"] == holder]
+
+    def longest_gap_after(self, t_ns: int) -> float:
+        """The longest time (s) between two section entries, among those after ``t_ns``: how long the lock stopped."""
+        entries = sorted(e["enter"] for e in self.entered)
+        return max((later - earlier) / 1e9 for earlier, later in itertools.pairwise(entries) if later > t_ns)
+
+    def tokens_fell_back(self, before_ns: int, after_ns: int) -> int:
+        """How far the lowest token entered after ``after_ns`` is below the highest entered before ``before_ns``."""
+        before = [e["token"] for e in self.entered if e["enter"] < before_ns]
+        after = [e["token"] for e in self.entered if e["enter"] > after_ns]
+        return max(0, max(before) - min(after))
+
+    def accepted_sections(self) -> list[Section]:
+        """The sections whose claim and write the fenced resource both accepted."""
+        return [
+            Section(s["key"], s["token"], s["enter"], s["exit"]) for s in self.sections if s["claimed"] and s["wrote"]
+        ]
 
 
 def save_history(path: Path, history: History, extra: dict[str, Any]) -> Path:
