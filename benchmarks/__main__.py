@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import contention, cpus, drain, handoff, latency, memory, plotting, report
+from . import contention, cpus, drain, handoff, latency, memory, plotting, reclaim, report
 from .machine import Machine, describe
 from .scenario import RunOptions, Scenario, ScenarioResult
 
@@ -35,6 +35,7 @@ SCENARIOS: dict[str, Scenario] = {
         drain.SCENARIO,
         contention.SCENARIO,
         memory.SCENARIO,
+        reclaim.SCENARIO,
     )
 }
 

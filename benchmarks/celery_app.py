@@ -11,7 +11,8 @@ Every variant defines one task, :data:`TASK_NAME`, with the same body: it
 reads the monotonic clock (one clock for every process on the machine),
 sleeps ``hold`` seconds if asked, reads it again, and pushes
 ``"<start_ns> <end_ns> <requeues>"`` to the recorder's :data:`RUNS` list.
-Only what wraps the body differs between variants.
+Only what wraps the body differs between variants.  The reclaim scenario's
+bodies hold one key until their worker is killed, and never record.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from kombu.entity import Queue
 __all__ = [
     "ENV_URLS",
     "ENV_VARIANT",
+    "RECLAIM_KEY",
+    "RECLAIM_TTL",
     "RUNS",
     "TASK_NAME",
     "VARIANTS",
@@ -54,6 +57,11 @@ WORK_QUEUE: Final = "bench-work"
 
 #: The key of every message in the one-key variants.
 CONTENDED_KEY: Final = "bench:contended"
+
+#: The key of the one run of the reclaim scenario, whose worker is killed.
+RECLAIM_KEY: Final = "bench:reclaimed"
+#: Its lease, in seconds: how long the lock outlives a killed worker without reclaiming.
+RECLAIM_TTL: Final = 15.0
 
 #: Lock server databases of each library, so that none sees another's keys.
 _DB: Final = {"ours": 0, "celery-once": 1, "celery-singleton": 2, "celery-heimdall": 3}
@@ -131,8 +139,14 @@ def _plain(app: Celery, urls: Urls) -> object:
     return app.task(name=TASK_NAME, bind=True, shared=False)(_body(urls.recorder))
 
 
-def _ours(on_busy: str | None, key: str | None, **settings: object) -> Callable[[Celery, Urls], object]:
-    """``@single_flight`` under ``@app.task``: by argument hash, or one key; ``settings`` are more ``dlock_*``."""
+def _ours(
+    on_busy: str | None, key: str | None, ttl: float | None = None, **settings: object
+) -> Callable[[Celery, Urls], object]:
+    """``@single_flight`` under ``@app.task``: by argument hash, or one key.
+
+    ``on_busy`` brings the :data:`CONTENTION_SETTINGS`; ``ttl`` is the task's
+    lease (by default ``dlock_default_ttl``); ``settings`` are more ``dlock_*``.
+    """
 
     def define(app: Celery, urls: Urls) -> object:
         from celery_dlock import single_flight
@@ -141,9 +155,8 @@ def _ours(on_busy: str | None, key: str | None, **settings: object) -> Callable[
         app.conf.update({f"dlock_{name}": value for name, value in settings.items()})
         if on_busy is not None:
             app.conf.update(CONTENTION_SETTINGS)
-            guarded = single_flight(key=key, on_busy=on_busy)(_body(urls.recorder))
-        else:
-            guarded = single_flight(_body(urls.recorder))
+        # None takes the app's setting, as if the option were not given.
+        guarded = single_flight(key=key, ttl=ttl, on_busy=on_busy)(_body(urls.recorder))
         return app.task(name=TASK_NAME, bind=True, shared=False)(guarded)
 
     return define
@@ -206,6 +219,8 @@ VARIANTS: Final[Mapping[str, Callable[[Celery, Urls], object]]] = {
     "ours-requeue": _ours("requeue", CONTENDED_KEY),
     "ours-wait": _ours("wait", CONTENDED_KEY),
     "ours-queue": _ours("queue", CONTENDED_KEY),
+    "ours-ttl-only": _ours(None, RECLAIM_KEY, RECLAIM_TTL),
+    "ours-reclaim": _ours(None, RECLAIM_KEY, RECLAIM_TTL, reclaim_offline=True),
 }
 
 

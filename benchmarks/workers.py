@@ -1,4 +1,4 @@
-"""Real ``celery worker`` runs for the worker benchmarks (drain, contention).
+"""Real ``celery worker`` runs for the worker benchmarks (drain, contention, reclaim).
 
 The workers are :class:`celery_dlock.testing.worker_process.WorkerProcess`
 (the one the tests' workers are built on too), running
@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ from celery_dlock.testing.worker_process import ENV_KEEP_LOGS, WorkerProcess
 from . import celery_app, servers
 from .celery_app import RUNS, WARM_QUEUE, WORK_QUEUE, Urls
 
-__all__ = ["Drained", "Stack", "drain", "stack"]
+__all__ = ["Drained", "Stack", "discard", "drain", "new_worker", "stack"]
 
 #: The repository, on the workers' import path for ``benchmarks.celery_app``.
 _REPO = Path(__file__).resolve().parent.parent
@@ -151,15 +151,9 @@ def drain(
     or the queue is not drained within ``timeout`` seconds.
     """
     stack.flush()
-    urls = stack.urls
-    app, task = celery_app.build(variant, urls)
-    worker = WorkerProcess(
-        "benchmarks.celery_app",
-        concurrency=concurrency,
-        queues=[WARM_QUEUE],
-        env={celery_app.ENV_VARIANT: variant, celery_app.ENV_URLS: urls.encode()},
-        pythonpath=[_REPO],
-        name=f"bench-{variant}-c{concurrency}",
+    app, task = celery_app.build(variant, stack.urls)
+    worker = new_worker(
+        stack, variant, concurrency=concurrency, queues=[WARM_QUEUE], name=f"bench-{variant}-c{concurrency}"
     )
     runs = stack.recorder
     try:
@@ -188,9 +182,7 @@ def drain(
         lock_commands = _command_counts(stack.locks)
         broker_commands = _command_counts(stack.broker)
     finally:
-        worker.kill()
-        if not os.environ.get(ENV_KEEP_LOGS):
-            shutil.rmtree(worker.dir, ignore_errors=True)
+        discard(worker)
         app.close()
     starts = [int(record[0]) for record in records]
     ends = [int(record[1]) for record in records]
@@ -204,6 +196,38 @@ def drain(
         broker_commands=broker_commands,
         cpu_ns={role: cpu_after[role] - cpu_before[role] for role in roles},
     )
+
+
+def new_worker(
+    stack: Stack,
+    variant: str,
+    *,
+    concurrency: int,
+    queues: Sequence[str],
+    name: str,
+    heartbeat: float | None = None,
+) -> WorkerProcess:
+    """A prefork worker of ``variant`` on ``stack``'s servers, not started yet.
+
+    It consumes ``queues``; ``heartbeat`` is its ``--heartbeat-interval``
+    (by default it sends none).
+    """
+    return WorkerProcess(
+        "benchmarks.celery_app",
+        concurrency=concurrency,
+        queues=queues,
+        env={celery_app.ENV_VARIANT: variant, celery_app.ENV_URLS: stack.urls.encode()},
+        pythonpath=[_REPO],
+        name=name,
+        heartbeat=heartbeat,
+    )
+
+
+def discard(worker: WorkerProcess) -> None:
+    """Kill the worker's process group, and delete its log unless ``DLOCK_TEST_KEEP_LOGS`` is set."""
+    worker.kill()
+    if not os.environ.get(ENV_KEEP_LOGS):
+        shutil.rmtree(worker.dir, ignore_errors=True)
 
 
 def _wait_for_runs(runs: redis.Redis, count: int, worker: WorkerProcess, *, timeout: float) -> None:
