@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from support.apps import PerProcess, app_urls
-from support.critical_sections import record_section
+from support.critical_sections import counted_section
 
 from celery_dlock import DLockError, Lock, LockLost, SingleFlightTask, current_lock, single_flight
 from celery_dlock.celery.headers import REQUEUES_HEADER
@@ -77,15 +77,8 @@ def record_start(task: Task, key: str) -> Lock | None:
 def section(task: Task, key: str) -> Iterator[Lock | None]:
     """Record one body run on ``key``; yields the lock it holds."""
     lock = record_start(task, key)
-    rec = recorder()
-    counter = f"counter:{key}"
-    enter = time.monotonic_ns()
-    seen = int(rec.get(counter) or 0)
-    try:
+    with counted_section(recorder(), key, lock.token if lock is not None else 0):
         yield lock
-    finally:
-        rec.set(counter, seen + 1)
-        record_section(rec, key, lock.token if lock is not None else 0, enter, time.monotonic_ns())
 
 
 def wait_for_flag(flag: str | None, timeout: float = 30.0) -> None:

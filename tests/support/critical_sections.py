@@ -13,14 +13,15 @@ interval checker, shared with the pytest plugin.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
 
 from celery_dlock import LockBusy, Redlock
 
-__all__ = ["COUNTER", "HISTORY", "Section", "read_sections", "record_section", "run_sections"]
+__all__ = ["COUNTER", "HISTORY", "Section", "counted_section", "read_sections", "record_section", "run_sections"]
 
 HISTORY = "history"
 COUNTER = "counter"
@@ -80,3 +81,20 @@ def run_sections(node_urls: Sequence[str], recorder_url: str, key: str, rounds: 
             record_section(recorder, key, lock.token, enter, time.monotonic_ns())
         done += 1
     return done
+
+
+@contextmanager
+def counted_section(recorder: redis.Redis, key: str, token: int) -> Iterator[None]:
+    """The block as one recorded section on ``key`` that bumps ``counter:<key>`` by read, then write.
+
+    The counter is read on entry and written on exit, so two holders inside
+    at once lose an update, whatever the interval checker makes of them.
+    """
+    counter = f"counter:{key}"
+    enter = time.monotonic_ns()
+    seen = int(recorder.get(counter) or 0)
+    try:
+        yield
+    finally:
+        recorder.set(counter, seen + 1)
+        record_section(recorder, key, token, enter, time.monotonic_ns())

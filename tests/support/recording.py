@@ -27,7 +27,7 @@ from celery_dlock import Lock, current_lock
 from celery_dlock.celery.headers import REQUEUES_HEADER
 
 from .apps import PerProcess, app_urls
-from .critical_sections import record_section
+from .critical_sections import counted_section
 
 __all__ = ["EVENTS", "RUNS", "event", "recorder", "section", "wait_for_flag"]
 
@@ -64,14 +64,8 @@ def section(task: Task, key: str) -> Iterator[Lock | None]:
             }
         ),
     )
-    counter = f"counter:{key}"
-    enter = time.monotonic_ns()
-    seen = int(rec.get(counter) or 0)
-    try:
+    with counted_section(rec, key, token):
         yield lock
-    finally:
-        rec.set(counter, seen + 1)
-        record_section(rec, key, token, enter, time.monotonic_ns())
 
 
 def event(task: Task, kind: str, **fields: Any) -> None:
