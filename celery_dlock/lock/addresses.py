@@ -14,10 +14,11 @@ from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import redis
+import redis.asyncio
 from redis.connection import ConnectionPool, SSLConnection
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-__all__ = ["SENTINEL_SCHEME", "Address", "mask_url", "parse_url", "resolve"]
+__all__ = ["SENTINEL_SCHEME", "Address", "mask_url", "parse_url", "refuse_async", "resolve"]
 
 #: The scheme of a Sentinel-managed master: ``sentinel://h1:26379;sentinel://h2:26379/0``.
 SENTINEL_SCHEME: Final = "sentinel"
@@ -60,6 +61,16 @@ def resolve(
         return Address(pool, f"sentinel://{','.join(addresses)}/{service}", ("sentinel", service, *addresses))
     kwargs = pool.connection_kwargs
     return Address(pool, _describe(kwargs, pool.connection_class), _identity(kwargs))
+
+
+def refuse_async(nodes: object) -> None:
+    """Raise a ``TypeError`` pointing to ``AsyncRedlock`` if ``nodes`` is, or holds, a ``redis.asyncio`` client."""
+    given = nodes if isinstance(nodes, (list, tuple)) else [nodes]
+    if any(isinstance(node, redis.asyncio.Redis) for node in given):
+        raise TypeError(
+            "nodes: a redis.asyncio client cannot serve a sync Redlock; "
+            "use celery_dlock.aio.AsyncRedlock, which takes it (or a URL), with await"
+        )
 
 
 def parse_url(url: str) -> ConnectionPool:

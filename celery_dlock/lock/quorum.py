@@ -10,16 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from .fanout import fan_out
-from .nodes import NO_REPLY, Member, Reply
+from .nodes import Member, Reply
+from .plans import decided
 
 __all__ = ["Quorum", "decided"]
-
-
-def decided(replies: Sequence[Reply], yes: Callable[[Reply], bool], quorum: int, total: int) -> bool:
-    """Whether enough replies are in for the outcome to be known."""
-    granted = sum(1 for r in replies if yes(r))
-    failed = sum(1 for r in replies if r is not NO_REPLY and not yes(r))
-    return granted >= quorum or failed > total - quorum
 
 
 class Quorum:

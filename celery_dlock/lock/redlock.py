@@ -17,42 +17,45 @@ quorum but found the key held raises :class:`~celery_dlock.lock.errors.LockBusy`
 from __future__ import annotations
 
 import logging
-import math
-import secrets
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 import redis
 
-from . import queue_scripts, scripts
+from . import driver, queue_scripts, scripts
+from .addresses import refuse_async
 from .cluster import ClusterNode, member
 from .counters import Tally, parse_counts
-from .errors import LockBusy, LockLost, LockUnavailable
+from .errors import LockBusy, LockUnavailable
 from .faults import fault_point
 from .keyspace import DEFAULT_PREFIX, Keyspace
 from .lease import Lock, LostCallback
-from .metadata import holder_metadata, parse_metadata, quorum_holder
-from .nodes import Member, Reply
+from .metadata import holder_metadata, quorum_holder
+from .nodes import Member
+from .plans import Plan, Rules, new_owner
 from .quorum import Quorum
 from .resend import Resender
 from .resp import pack
-from .script import Granted, Held
-from .tokens import token_floor
-from .validation import check_acquire_options, check_int, check_key, check_number, check_text, check_ttl
-from .waiting import ReleaseWaiter, Retries
+from .validation import (
+    check_acquire_options,
+    check_key,
+    check_manager_options,
+    check_number,
+    check_text,
+    check_ttl,
+)
+from .waiting import Retries
 from .watchdog import Watchdog, default_watchdog
 
 __all__ = ["Lock", "LostCallback", "Redlock"]
 
 logger = logging.getLogger(__name__)
 
-#: Redlock's allowance for clock drift beyond ``drift_factor``: 2 ms.
-_DRIFT_FLOOR: Final = 0.002
+T = TypeVar("T")
 
 #: The Lua sources every node connection loads when it connects.
-_PRELOAD: Final = tuple(script.source for script in (*scripts.ALL, *queue_scripts.ALL))
+PRELOAD: Final = tuple(script.source for script in (*scripts.ALL, *queue_scripts.ALL))
 
 
 class Redlock:
@@ -113,23 +116,26 @@ class Redlock:
         sentinel_kwargs: Mapping[str, Any] | None = None,
         flush_every: float = DEFAULT_FLUSH_EVERY,
     ) -> None:
+        refuse_async(nodes)
         if isinstance(nodes, (str, redis.Redis)):
             nodes = [nodes]
         if not isinstance(nodes, Sequence):
             raise TypeError(f"nodes: expected a sequence of Redis URLs or clients, got {type(nodes).__name__}")
         if not nodes:
             raise ValueError("nodes: at least one Redis node is required")
-        check_int("retry_count", retry_count, minimum=0)
-        check_number("retry_delay", retry_delay, minimum=0)
-        check_number("retry_jitter", retry_jitter, minimum=0)
-        check_number("drift_factor", drift_factor, minimum=0, below=1)
-        check_number("socket_timeout", socket_timeout, minimum=0, exclusive=True)
-        check_number("extend_every", extend_every, minimum=0, exclusive=True, below=1)
+        check_manager_options(
+            retry_count=retry_count,
+            retry_delay=retry_delay,
+            retry_jitter=retry_jitter,
+            drift_factor=drift_factor,
+            socket_timeout=socket_timeout,
+            extend_every=extend_every,
+            key_prefix=key_prefix,
+        )
         check_number("flush_every", flush_every, minimum=0)
-        check_text("key_prefix", key_prefix)
 
         self.nodes: list[Member] = [
-            member(spec, socket_timeout=socket_timeout, preload=_PRELOAD, sentinel=(sentinel_master, sentinel_kwargs))
+            member(spec, socket_timeout=socket_timeout, preload=PRELOAD, sentinel=(sentinel_master, sentinel_kwargs))
             for spec in nodes
         ]
         seen: dict[tuple[str, ...], Member] = {}
@@ -147,6 +153,10 @@ class Redlock:
         self.key_prefix = key_prefix
         #: The names of every Redis key and channel this manager uses.
         self.keyspace = Keyspace(key_prefix, clustered=any(isinstance(node, ClusterNode) for node in self.nodes))
+        #: The algorithm's decisions, shared with :class:`celery_dlock.aio.AsyncRedlock`.
+        self.rules = Rules(
+            [node.name for node in self.nodes], self.keyspace, quorum=self.quorum, drift_factor=drift_factor
+        )
         self.socket_timeout = socket_timeout
         self.extend_every = extend_every
         self._watchdog = watchdog
@@ -210,13 +220,11 @@ class Redlock:
         if count_as is not None:
             check_text("count_as", count_as)
 
-        owner = owner_prefix + secrets.token_hex(16)
+        owner = new_owner(owner_prefix)
         meta = holder_metadata(label, details)
         retries = Retries(self.retry_count, self.retry_delay, self.retry_jitter, timeout=timeout, blocking=blocking)
-        token, valid_until = retries.run(
-            lambda attempts: self.attempt(key, owner, ttl, meta, attempts, count_as),
-            lambda: ReleaseWaiter.subscribe(self.nodes, self.keyspace.released(key)),
-        )
+        on_busy = (lambda: self.count(count_as, "busy")) if count_as else None
+        token, valid_until = self._run(self.rules.acquire(key, owner, ttl, meta, retries, on_busy=on_busy))
         watchdog = self.watchdog if auto_extend else None
         lock = Lock(
             self,
@@ -336,9 +344,12 @@ class Redlock:
 
     # -- the lease of a held lock (the LeaseManager of lease.Lock) ----------------
 
+    def _run(self, plan: Plan[T]) -> T:
+        return driver.run(plan, self.nodes, timeout=self.socket_timeout)
+
     def lease_end(self, started: float, ttl: float) -> float:
         """When a lease of ``ttl`` granted after ``started`` stops being safe to rely on (monotonic)."""
-        return started + ttl - (ttl * self.drift_factor + _DRIFT_FLOOR)
+        return self.rules.lease_end(started, ttl)
 
     def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "") -> float:
         """Renew ``owner``'s lease on a quorum; returns the new end of its validity.
@@ -348,22 +359,7 @@ class Redlock:
         renewed it.  Raises :class:`LockLost` when a quorum no longer holds
         it for ``owner``, and :class:`LockUnavailable` when too few answered.
         """
-        started = time.monotonic()
-        command = scripts.extend_call(self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000))
-        replies = self._quorum.read_all(command)  # every reply: the nodes that lost it are repaired
-        valid_until = self.lease_end(started, ttl)
-        left_ms = math.floor((valid_until - time.monotonic()) * 1000)
-        if self._quorum.agreeing(replies, scripts.done) and left_ms > 0:
-            lost = [node for node, reply in zip(self.nodes, replies, strict=True) if scripts.missing(reply)]
-            if lost:
-                repair = scripts.repair_call(self.keyspace, key, owner=owner, token=token, meta=meta, lease_ms=left_ms)
-                self._quorum.send_all(repair, lost)
-            return valid_until
-        if sum(1 for r in replies if scripts.refused(r) or scripts.missing(r)) > len(self.nodes) - self.quorum:
-            raise LockLost(f"lock {key!r} is no longer ours on a quorum of nodes", key=key)
-        raise LockUnavailable.for_key(
-            key, attempts=1, errors=self._quorum.errors(replies), reason="could not extend on a quorum"
-        )
+        return self._run(self.rules.renew(key, owner, ttl, token=token, meta=meta))
 
     def release_lease(self, key: str, owner: str, *, wait: bool = True, notify: bool = True) -> bool:
         """Delete the lock wherever ``owner`` still holds it.
@@ -378,14 +374,9 @@ class Redlock:
         if not wait:
             self._resender.resend_unreached(command, self.nodes, self._quorum.send_all(command))
             return False
-        replies = self._quorum.broadcast(command, granted=scripts.done)
+        released, replies = self._run(self.rules.release(key, owner, notify=notify))
         self._resender.resend_unreached(command, self.nodes, replies)
-        if self._quorum.agreeing(replies, scripts.done):
-            return True
-        errors = self._quorum.errors(replies)
-        if errors:
-            logger.warning("releasing %r: %d node(s) failed: %s", key, len(errors), errors)
-        return False
+        return released
 
     # -- one attempt -----------------------------------------------------------
 
@@ -397,61 +388,7 @@ class Redlock:
         The low-level step of :meth:`acquire`, which checks the arguments;
         ``meta`` is the holder metadata, ``attempt`` the attempt's number.
         """
-        started = time.monotonic()
-        lease_ms = math.ceil(ttl * 1000)
-        command = scripts.acquire_call(
-            self.keyspace, key, owner=owner, lease_ms=lease_ms, meta=meta, floor=token_floor()
-        )
-        replies = self._quorum.broadcast(command, granted=_is_granted)
-        outcomes = [scripts.parse_acquire(reply) for reply in replies]
-        tokens = {i: o.token for i, o in enumerate(outcomes) if isinstance(o, Granted)}
-
-        if len(tokens) >= self.quorum:
-            token = max(tokens.values())
-            if self._fence(key, token, tokens):
-                valid_until = self.lease_end(started, ttl)
-                if time.monotonic() < valid_until:
-                    return token, valid_until
-                reason = "the lease ran out while acquiring"
-            else:
-                reason = "the fencing token could not be stored on a quorum"
-            self._quorum.send_all(self._undo(key, owner))
-            return LockUnavailable.for_key(key, attempts=attempt, errors=self._quorum.errors(replies), reason=reason)
-
-        busy = [o for o in outcomes if isinstance(o, Held)]
-        maybe_ours = [node for node, o in zip(self.nodes, outcomes, strict=True) if not isinstance(o, Held)]
-        if maybe_ours:
-            self._quorum.send_all(self._undo(key, owner), maybe_ours)
-        if len(tokens) + len(busy) < self.quorum:
-            return LockUnavailable.for_key(key, attempts=attempt, errors=self._quorum.errors(replies))
-        if count_as:
+        outcome = self._run(self.rules.attempt(key, owner, ttl, meta, attempt))
+        if count_as and isinstance(outcome, LockBusy):
             self.count(count_as, "busy")
-        holder = next((parse_metadata(o.meta) for o in busy if o.meta), None)
-        retry_after = max(o.pttl_ms for o in busy) / 1000 if busy else None
-        return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after)
-
-    def _undo(self, key: str, owner: str) -> bytes:
-        """The release that undoes a failed attempt wherever it took the key, waking no waiter.
-
-        Never resent later: the next attempt reuses the owner, and a late undo
-        would delete the lock that attempt took.  Sent on the connection the
-        next attempt uses, it is always run before it.
-        """
-        return scripts.release_call(self.keyspace, key, owner=owner, notify=False)
-
-    def _fence(self, key: str, token: int, tokens: dict[int, int]) -> bool:
-        """Make sure a quorum's counters are at least ``token``.
-
-        Tokens must rise across holders even when their quorums differ; that
-        holds once every token was written to a quorum before it was handed
-        out, since any later quorum then meets one of those nodes.  Usually the
-        granting nodes already agree and no write is needed.
-        """
-        at_token = sum(1 for t in tokens.values() if t == token)
-        behind = [i for i, t in tokens.items() if t < token]
-        command = scripts.fence_floor_call(self.keyspace, key, token)
-        return self._quorum.confirm(command, behind, already=at_token, yes=scripts.fenced)
-
-
-def _is_granted(reply: Reply) -> bool:
-    return isinstance(reply, list) and bool(reply) and reply[0] == b"granted"
+        return outcome

@@ -20,6 +20,7 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_key",
+    "check_manager_options",
     "check_number",
     "check_text",
     "check_ttl",
@@ -115,3 +116,23 @@ def check_acquire_options(*, timeout: object, max_hold: object, on_lost: object,
         raise TypeError("on_lost: expected a callable")
     if label is not None and not isinstance(label, str):
         raise TypeError(f"label: expected str, got {type(label).__name__}")
+
+
+def check_manager_options(
+    *,
+    retry_count: object,
+    retry_delay: object,
+    retry_jitter: object,
+    drift_factor: object,
+    socket_timeout: object,
+    extend_every: object,
+    key_prefix: object,
+) -> None:
+    """Check the options a lock manager (sync or async) is made with, naming the one that is wrong."""
+    check_int("retry_count", retry_count, minimum=0)
+    check_number("retry_delay", retry_delay, minimum=0)
+    check_number("retry_jitter", retry_jitter, minimum=0)
+    check_number("drift_factor", drift_factor, minimum=0, below=1)
+    check_number("socket_timeout", socket_timeout, minimum=0, exclusive=True)
+    check_number("extend_every", extend_every, minimum=0, exclusive=True, below=1)
+    check_text("key_prefix", key_prefix)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
@@ -21,8 +20,6 @@ from .nodes import Connection, Member
 from .resp import pack
 
 __all__ = ["ReleaseWaiter", "Retries"]
-
-T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -113,40 +110,20 @@ class Retries:
         self.blocking = blocking
         self.deadline = None if timeout is None else time.monotonic() + timeout
 
-    def run(
-        self,
-        attempt: Callable[[int], T | LockBusy | LockUnavailable],
-        subscribe: Callable[[], ReleaseWaiter | None],
-    ) -> T:
-        """Call ``attempt(n)`` until it returns a result, raising its last error once out of tries."""
-        attempts = 0
-        waiter: ReleaseWaiter | None = None
-        try:
-            while True:
-                attempts += 1
-                outcome = attempt(attempts)
-                if not isinstance(outcome, (LockBusy, LockUnavailable)):
-                    return outcome
-                now = time.monotonic()
-                out_of_time = now >= self.deadline if self.deadline is not None else attempts > self.retry_count
-                if not self.blocking or out_of_time:
-                    raise outcome
-                delay = self.retry_delay + random.uniform(0, self.retry_jitter)
-                if self.deadline is not None:
-                    delay = min(delay, self.deadline - now)
-                if isinstance(outcome, LockBusy):
-                    if waiter is None:
-                        # Listen first, then look again, so a release between
-                        # the attempt and the subscription is not missed.
-                        waiter = subscribe()
-                        if waiter is not None:
-                            continue
-                    if outcome.retry_after is not None:
-                        delay = min(delay, outcome.retry_after)
-                if waiter is not None:
-                    waiter.wait(delay)
-                else:
-                    time.sleep(delay)
-        finally:
-            if waiter is not None:
-                waiter.close()
+    def pause(self, outcome: LockBusy | LockUnavailable, attempts: int, *, listening: bool) -> tuple[float, bool]:
+        """After failed attempt ``attempts``: ``(delay, listen)``, or ``outcome`` raised once out of tries.
+
+        ``listen`` asks the caller, not yet ``listening``, to subscribe to the
+        key's releases and, if that works, to try again at once; else it
+        waits ``delay`` seconds, woken early by a release when listening.
+        """
+        now = time.monotonic()
+        out_of_time = now >= self.deadline if self.deadline is not None else attempts > self.retry_count
+        if not self.blocking or out_of_time:
+            raise outcome
+        delay = self.retry_delay + random.uniform(0, self.retry_jitter)
+        if self.deadline is not None:
+            delay = min(delay, self.deadline - now)
+        if isinstance(outcome, LockBusy) and outcome.retry_after is not None:
+            delay = min(delay, outcome.retry_after)
+        return delay, isinstance(outcome, LockBusy) and not listening

@@ -1,0 +1,258 @@
+"""The Redlock algorithm, written once and free of I/O: plans that yield requests and take back replies.
+
+A *plan* is a generator.  It yields what it needs done, a :class:`Fan` (one
+command to some nodes, with the rule that says when enough replies are in),
+a :class:`Listen` (subscribe to a key's releases) or a :class:`Pause`
+(wait), and is sent back the answer: the replies aligned with the fan's
+targets, whether listening works, or ``None``.  It returns the outcome or
+raises the error.  The quorum, validity, fencing, retry and repair rules
+live here; a *driver* does the I/O: :func:`~celery_dlock.lock.driver.run`
+over the sync nodes, and :func:`celery_dlock.aio.transport.drive` on an
+event loop.  So the sync and the async client take the same decisions, and
+a sync and an async holder of one key exclude each other.
+
+Plans read the monotonic clock, which is not I/O: validity is measured from
+before the first command is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from . import scripts
+from .errors import LockBusy, LockLost, LockUnavailable
+from .keyspace import Keyspace
+from .metadata import parse_metadata
+from .nodes import NO_REPLY, Reply
+from .script import Granted, Held
+from .tokens import token_floor
+from .waiting import Retries
+
+__all__ = ["DRIFT_FLOOR", "Fan", "Listen", "Pause", "Plan", "Rules", "decided", "new_owner"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+#: Redlock's allowance for clock drift beyond ``drift_factor``: 2 ms.
+DRIFT_FLOOR: Final = 0.002
+
+
+@dataclass(frozen=True)
+class Fan:
+    """Send ``command`` to the nodes at ``targets``; read replies until ``decided`` says enough are in.
+
+    ``decided`` is given the replies so far, aligned with ``targets``, each a
+    value, an exception or :data:`~celery_dlock.lock.nodes.NO_REPLY`.  One
+    that is decided before any reply (:meth:`Rules.send`) is sent and not
+    waited for.
+    """
+
+    command: bytes
+    targets: tuple[int, ...]
+    decided: Callable[[list[Reply]], bool]
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Subscribe to ``channel`` on every node that accepts it; answered True if any did."""
+
+    channel: str
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Wait ``delay`` seconds, or less if a release arrives on the channel listened to."""
+
+    delay: float
+
+
+#: What a plan yields, is sent back, and returns.
+Plan = Generator[Fan | Listen | Pause, Any, T]
+
+
+def decided(replies: Sequence[Reply], yes: Callable[[Reply], bool], quorum: int, total: int) -> bool:
+    """Whether enough replies are in for the outcome to be known."""
+    granted = sum(1 for r in replies if yes(r))
+    failed = sum(1 for r in replies if r is not NO_REPLY and not yes(r))
+    return granted >= quorum or failed > total - quorum
+
+
+def new_owner(prefix: str = "") -> str:
+    """A holder's owner value: ``prefix`` then 128 random bits."""
+    return prefix + secrets.token_hex(16)
+
+
+def is_granted(reply: Reply) -> bool:
+    """Whether an acquire script granted the lock."""
+    return isinstance(reply, list) and bool(reply) and reply[0] == b"granted"
+
+
+class Rules:
+    """The Redlock decisions over ``names`` (the nodes, in order) of which ``quorum`` must agree."""
+
+    def __init__(self, names: Sequence[str], keyspace: Keyspace, *, quorum: int, drift_factor: float) -> None:
+        self.names = list(names)
+        self.keyspace = keyspace
+        self.quorum = quorum
+        self.drift_factor = drift_factor
+        self._all = tuple(range(len(self.names)))
+
+    # -- requests ------------------------------------------------------------------
+
+    def broadcast(self, command: bytes, yes: Callable[[Reply], bool]) -> Fan:
+        """``command`` to every node, decided once a quorum said ``yes`` or can no longer."""
+        total = len(self._all)
+        return Fan(command, self._all, lambda replies: decided(replies, yes, self.quorum, total))
+
+    def read_all(self, command: bytes) -> Fan:
+        """``command`` to every node, every reply awaited (or its timeout)."""
+        return Fan(command, self._all, lambda replies: False)
+
+    def send(self, command: bytes, targets: Sequence[int] | None = None) -> Fan:
+        """``command`` to ``targets`` (by default all), sent and not waited for."""
+        return Fan(command, self._all if targets is None else tuple(targets), lambda replies: True)
+
+    def errors(self, replies: Sequence[Reply], targets: Sequence[int] | None = None) -> list[tuple[str, BaseException]]:
+        """``(node name, error)`` for each reply that is an error."""
+        indices = self._all if targets is None else targets
+        return [(self.names[i], r) for i, r in zip(indices, replies, strict=True) if isinstance(r, BaseException)]
+
+    def lease_end(self, started: float, ttl: float) -> float:
+        """When a lease of ``ttl`` granted after ``started`` stops being safe to rely on (monotonic)."""
+        return started + ttl - (ttl * self.drift_factor + DRIFT_FLOOR)
+
+    def undo(self, key: str, owner: str) -> bytes:
+        """The release that undoes a failed attempt wherever it took the key, waking no waiter.
+
+        Never resent later: the next attempt reuses the owner, and a late undo
+        would delete the lock that attempt took.  Sent on the connection the
+        next attempt uses, it is always run before it.
+        """
+        return scripts.release_call(self.keyspace, key, owner=owner, notify=False)
+
+    # -- plans -------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        key: str,
+        owner: str,
+        ttl: float,
+        meta: str,
+        retries: Retries,
+        *,
+        on_busy: Callable[[], None] | None = None,
+    ) -> Plan[tuple[int, float]]:
+        """Attempt until granted, listening for releases while the key is held; ``(token, valid_until)``."""
+        attempts = 0
+        listening = False
+        while True:
+            attempts += 1
+            outcome = yield from self.attempt(key, owner, ttl, meta, attempts)
+            if not isinstance(outcome, (LockBusy, LockUnavailable)):
+                return outcome
+            if isinstance(outcome, LockBusy) and on_busy is not None:
+                on_busy()
+            delay, listen = retries.pause(outcome, attempts, listening=listening)
+            if listen:
+                # Listen first, then look again, so that a release between the
+                # attempt and the subscription is not missed.
+                listening = yield Listen(self.keyspace.released(key))
+                if listening:
+                    continue
+            yield Pause(delay)
+
+    def attempt(
+        self, key: str, owner: str, ttl: float, meta: str, attempt: int
+    ) -> Plan[tuple[int, float] | LockBusy | LockUnavailable]:
+        """Try once for ``owner``: ``(token, valid_until)``, or the error to raise (undone where it took)."""
+        started = time.monotonic()
+        command = scripts.acquire_call(
+            self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000), meta=meta, floor=token_floor()
+        )
+        replies = yield self.broadcast(command, is_granted)
+        outcomes = [scripts.parse_acquire(reply) for reply in replies]
+        tokens = {i: o.token for i, o in enumerate(outcomes) if isinstance(o, Granted)}
+
+        if len(tokens) >= self.quorum:
+            token = max(tokens.values())
+            fenced = yield from self.fence(key, token, tokens)
+            if fenced:
+                valid_until = self.lease_end(started, ttl)
+                if time.monotonic() < valid_until:
+                    return token, valid_until
+                reason = "the lease ran out while acquiring"
+            else:
+                reason = "the fencing token could not be stored on a quorum"
+            yield self.send(self.undo(key, owner))
+            return LockUnavailable.for_key(key, attempts=attempt, errors=self.errors(replies), reason=reason)
+
+        busy = [o for o in outcomes if isinstance(o, Held)]
+        maybe_ours = [i for i, o in enumerate(outcomes) if not isinstance(o, Held)]
+        if maybe_ours:
+            yield self.send(self.undo(key, owner), maybe_ours)
+        if len(tokens) + len(busy) < self.quorum:
+            return LockUnavailable.for_key(key, attempts=attempt, errors=self.errors(replies))
+        holder = next((parse_metadata(o.meta) for o in busy if o.meta), None)
+        retry_after = max(o.pttl_ms for o in busy) / 1000 if busy else None
+        return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after)
+
+    def fence(self, key: str, token: int, tokens: dict[int, int]) -> Plan[bool]:
+        """Make sure a quorum's counters are at least ``token``.
+
+        Tokens must rise across holders even when their quorums differ; that
+        holds once every token was written to a quorum before it was handed
+        out, since any later quorum then meets one of those nodes.  Usually the
+        granting nodes already agree and no write is needed.
+        """
+        already = sum(1 for t in tokens.values() if t == token)
+        if already >= self.quorum:
+            return True
+        behind = tuple(i for i, t in tokens.items() if t < token)
+
+        def enough(replies: list[Reply]) -> bool:
+            return already + sum(1 for r in replies if scripts.fenced(r)) >= self.quorum
+
+        replies = yield Fan(scripts.fence_floor_call(self.keyspace, key, token), behind, enough)
+        return enough(replies)
+
+    def renew(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "") -> Plan[float]:
+        """Renew ``owner``'s lease on a quorum; the new end of its validity.
+
+        Nodes found without the lock (restarted empty, say) get it back, with
+        ``token`` and ``meta`` and only the validity left, once a quorum has
+        renewed it.  Raises :class:`LockLost` when a quorum no longer holds it
+        for ``owner``, and :class:`LockUnavailable` when too few answered.
+        """
+        started = time.monotonic()
+        command = scripts.extend_call(self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000))
+        replies = yield self.read_all(command)  # every reply: the nodes that lost it are repaired
+        valid_until = self.lease_end(started, ttl)
+        left_ms = math.floor((valid_until - time.monotonic()) * 1000)
+        if sum(1 for r in replies if scripts.done(r)) >= self.quorum and left_ms > 0:
+            lost = [i for i, reply in enumerate(replies) if scripts.missing(reply)]
+            if lost:
+                repair = scripts.repair_call(self.keyspace, key, owner=owner, token=token, meta=meta, lease_ms=left_ms)
+                yield self.send(repair, lost)
+            return valid_until
+        if sum(1 for r in replies if scripts.refused(r) or scripts.missing(r)) > len(self.names) - self.quorum:
+            raise LockLost(f"lock {key!r} is no longer ours on a quorum of nodes", key=key)
+        errors = self.errors(replies)
+        raise LockUnavailable.for_key(key, attempts=1, errors=errors, reason="could not extend on a quorum")
+
+    def release(self, key: str, owner: str, *, notify: bool = True) -> Plan[tuple[bool, list[Reply]]]:
+        """Delete the lock wherever ``owner`` still holds it: whether a quorum confirmed, and the replies."""
+        command = scripts.release_call(self.keyspace, key, owner=owner, notify=notify)
+        replies = yield self.broadcast(command, scripts.done)
+        if sum(1 for r in replies if scripts.done(r)) >= self.quorum:
+            return True, replies
+        errors = self.errors(replies)
+        if errors:
+            logger.warning("releasing %r: %d node(s) failed: %s", key, len(errors), errors)
+        return False, replies
