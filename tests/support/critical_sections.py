@@ -12,6 +12,7 @@ interval checker, shared with the pytest plugin.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,8 +21,18 @@ from dataclasses import dataclass
 import redis
 
 from celery_dlock import LockBusy, Redlock
+from celery_dlock.aio import AsyncRedlock
 
-__all__ = ["COUNTER", "HISTORY", "Section", "counted_section", "read_sections", "record_section", "run_sections"]
+__all__ = [
+    "COUNTER",
+    "HISTORY",
+    "Section",
+    "counted_section",
+    "read_sections",
+    "record_section",
+    "run_counted_sections",
+    "run_sections",
+]
 
 HISTORY = "history"
 COUNTER = "counter"
@@ -98,3 +109,31 @@ def counted_section(recorder: redis.Redis, key: str, token: int) -> Iterator[Non
     finally:
         recorder.set(counter, seen + 1)
         record_section(recorder, key, token, enter, time.monotonic_ns())
+
+
+
+def run_counted_sections(node_urls: Sequence[str], recorder_url: str, key: str, rounds: int, client: str) -> int:
+    """Enter :func:`counted_section` on ``key`` ``rounds`` times, locked by ``client``: ``"sync"`` or ``"async"``.
+
+    Sync :class:`Redlock` and :class:`AsyncRedlock` holders in several
+    processes record into one history, so their sections can be judged together.
+    """
+    recorder = redis.Redis.from_url(recorder_url)
+    options = {"retry_count": 1000, "retry_delay": 0.01, "retry_jitter": 0.01}
+    if client == "sync":
+        redlock = Redlock(list(node_urls), **options)
+        for _ in range(rounds):
+            with redlock.lock(key, ttl=10) as lock, counted_section(recorder, key, lock.token):
+                time.sleep(0.001)
+        return rounds
+
+    async def sections() -> int:
+        manager = AsyncRedlock(list(node_urls), **options)
+        for _ in range(rounds):
+            async with manager.lock(key, ttl=10) as held:
+                with counted_section(recorder, key, held.token):
+                    await asyncio.sleep(0.001)
+        await manager.close()
+        return rounds
+
+    return asyncio.run(sections())
