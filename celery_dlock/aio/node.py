@@ -113,10 +113,11 @@ class AsyncNode:
             return error
 
     async def close(self) -> None:
-        """Close this event loop's connection, if it has one."""
+        """Close this event loop's connection, if it has one, once the commands sent on it are answered."""
         link = self._links.pop(asyncio.get_running_loop(), None)
         if link is not None:
-            await _drop(link.conn)
+            async with link.turn:
+                await _drop(link.conn)
 
     def _link(self) -> _Link:
         loop = asyncio.get_running_loop()

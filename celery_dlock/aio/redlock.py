@@ -90,7 +90,7 @@ class AsyncRedlock:
         #: The names of every Redis key and channel this manager uses (the sync client's own).
         self.keyspace = Keyspace(key_prefix)
         #: The algorithm's decisions, shared with the sync :class:`~celery_dlock.lock.redlock.Redlock`.
-        self.rules = Rules([n.name for n in self.nodes], self.keyspace, quorum=self.quorum, drift_factor=drift_factor)
+        self.rules = Rules([n.name for n in self.nodes], self.keyspace, drift_factor=drift_factor)
 
     def __repr__(self) -> str:
         return f"<AsyncRedlock {len(self.nodes)} node(s), quorum {self.quorum}>"

@@ -29,12 +29,14 @@ from . import scripts
 from .errors import LockBusy, LockLost, LockUnavailable
 from .keyspace import Keyspace
 from .metadata import parse_metadata
-from .nodes import NO_REPLY, Reply
+from .nodes import Reply
+from .quorum import decided, quorum_size
+from .schemes import Scheme
 from .script import Granted, Held
 from .tokens import token_floor
 from .waiting import Retries
 
-__all__ = ["DRIFT_FLOOR", "Fan", "Listen", "Pause", "Plan", "Rules", "decided", "new_owner"]
+__all__ = ["DRIFT_FLOOR", "Fan", "Listen", "Pause", "Plan", "Rules", "is_granted", "new_owner"]
 
 T = TypeVar("T")
 
@@ -77,13 +79,6 @@ class Pause:
 Plan = Generator[Fan | Listen | Pause, Any, T]
 
 
-def decided(replies: Sequence[Reply], yes: Callable[[Reply], bool], quorum: int, total: int) -> bool:
-    """Whether enough replies are in for the outcome to be known."""
-    granted = sum(1 for r in replies if yes(r))
-    failed = sum(1 for r in replies if r is not NO_REPLY and not yes(r))
-    return granted >= quorum or failed > total - quorum
-
-
 def new_owner(prefix: str = "") -> str:
     """A holder's owner value: ``prefix`` then 128 random bits."""
     return prefix + secrets.token_hex(16)
@@ -95,21 +90,34 @@ def is_granted(reply: Reply) -> bool:
 
 
 class Rules:
-    """The Redlock decisions over ``names`` (the nodes, in order) of which ``quorum`` must agree."""
+    """The Redlock decisions over the nodes called ``names``, in order.
 
-    def __init__(self, names: Sequence[str], keyspace: Keyspace, *, quorum: int, drift_factor: float) -> None:
+    A lock needs a strict majority (:attr:`quorum`); one of the ``limit``
+    permits of a semaphore needs more (:meth:`scheme`).
+    """
+
+    def __init__(self, names: Sequence[str], keyspace: Keyspace, *, drift_factor: float) -> None:
         self.names = list(names)
         self.keyspace = keyspace
-        self.quorum = quorum
         self.drift_factor = drift_factor
+        #: How many nodes must agree on a lock, and on a fencing token: a strict majority.
+        self.quorum = quorum_size(len(self.names))
         self._all = tuple(range(len(self.names)))
+        self._schemes: dict[int, Scheme] = {}
+
+    def scheme(self, limit: int = 1) -> Scheme:
+        """The scripts and quorum size of keys admitting ``limit`` holders (made once per limit)."""
+        found = self._schemes.get(limit)
+        if found is None:
+            found = self._schemes[limit] = Scheme(self.keyspace, limit, len(self.names))
+        return found
 
     # -- requests ------------------------------------------------------------------
 
-    def broadcast(self, command: bytes, yes: Callable[[Reply], bool]) -> Fan:
-        """``command`` to every node, decided once a quorum said ``yes`` or can no longer."""
+    def broadcast(self, command: bytes, yes: Callable[[Reply], bool], quorum: int) -> Fan:
+        """``command`` to every node, decided once ``quorum`` said ``yes`` or can no longer."""
         total = len(self._all)
-        return Fan(command, self._all, lambda replies: decided(replies, yes, self.quorum, total))
+        return Fan(command, self._all, lambda replies: decided(replies, yes, quorum, total))
 
     def read_all(self, command: bytes) -> Fan:
         """``command`` to every node, every reply awaited (or its timeout)."""
@@ -128,14 +136,14 @@ class Rules:
         """When a lease of ``ttl`` granted after ``started`` stops being safe to rely on (monotonic)."""
         return started + ttl - (ttl * self.drift_factor + DRIFT_FLOOR)
 
-    def undo(self, key: str, owner: str) -> bytes:
+    def undo(self, key: str, owner: str, limit: int = 1) -> bytes:
         """The release that undoes a failed attempt wherever it took the key, waking no waiter.
 
         Never resent later: the next attempt reuses the owner, and a late undo
         would delete the lock that attempt took.  Sent on the connection the
         next attempt uses, it is always run before it.
         """
-        return scripts.release_call(self.keyspace, key, owner=owner, notify=False)
+        return self.scheme(limit).release(key, owner=owner, notify=False)
 
     # -- plans -------------------------------------------------------------------------
 
@@ -148,13 +156,14 @@ class Rules:
         retries: Retries,
         *,
         on_busy: Callable[[], None] | None = None,
+        limit: int = 1,
     ) -> Plan[tuple[int, float]]:
         """Attempt until granted, listening for releases while the key is held; ``(token, valid_until)``."""
         attempts = 0
         listening = False
         while True:
             attempts += 1
-            outcome = yield from self.attempt(key, owner, ttl, meta, attempts)
+            outcome = yield from self.attempt(key, owner, ttl, meta, attempts, limit=limit)
             if not isinstance(outcome, (LockBusy, LockUnavailable)):
                 return outcome
             if isinstance(outcome, LockBusy) and on_busy is not None:
@@ -169,18 +178,18 @@ class Rules:
             yield Pause(delay)
 
     def attempt(
-        self, key: str, owner: str, ttl: float, meta: str, attempt: int
+        self, key: str, owner: str, ttl: float, meta: str, attempt: int, *, limit: int = 1
     ) -> Plan[tuple[int, float] | LockBusy | LockUnavailable]:
         """Try once for ``owner``: ``(token, valid_until)``, or the error to raise (undone where it took)."""
         started = time.monotonic()
-        command = scripts.acquire_call(
-            self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000), meta=meta, floor=token_floor()
-        )
-        replies = yield self.broadcast(command, is_granted)
+        scheme = self.scheme(limit)
+        command = scheme.acquire(key, owner=owner, lease_ms=math.ceil(ttl * 1000), meta=meta, floor=token_floor())
+        replies = yield self.broadcast(command, is_granted, scheme.size)
         outcomes = [scripts.parse_acquire(reply) for reply in replies]
         tokens = {i: o.token for i, o in enumerate(outcomes) if isinstance(o, Granted)}
+        undo = self.undo(key, owner, limit)
 
-        if len(tokens) >= self.quorum:
+        if len(tokens) >= scheme.size:
             token = max(tokens.values())
             fenced = yield from self.fence(key, token, tokens)
             if fenced:
@@ -190,18 +199,20 @@ class Rules:
                 reason = "the lease ran out while acquiring"
             else:
                 reason = "the fencing token could not be stored on a quorum"
-            yield self.send(self.undo(key, owner))
+            yield self.send(undo)
             return LockUnavailable.for_key(key, attempts=attempt, errors=self.errors(replies), reason=reason)
 
         busy = [o for o in outcomes if isinstance(o, Held)]
         maybe_ours = [i for i, o in enumerate(outcomes) if not isinstance(o, Held)]
         if maybe_ours:
-            yield self.send(self.undo(key, owner), maybe_ours)
-        if len(tokens) + len(busy) < self.quorum:
+            yield self.send(undo, maybe_ours)
+        # Busy when holders alone leave too few nodes to grant, or holders and
+        # grants together were a quorum; the read stops as soon as that is known.
+        if len(busy) <= len(self.names) - scheme.size and len(tokens) + len(busy) < scheme.size:
             return LockUnavailable.for_key(key, attempts=attempt, errors=self.errors(replies))
         holder = next((parse_metadata(o.meta) for o in busy if o.meta), None)
         retry_after = max(o.pttl_ms for o in busy) / 1000 if busy else None
-        return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after)
+        return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after, limit=limit)
 
     def fence(self, key: str, token: int, tokens: dict[int, int]) -> Plan[bool]:
         """Make sure a quorum's counters are at least ``token``.
@@ -222,7 +233,7 @@ class Rules:
         replies = yield Fan(scripts.fence_floor_call(self.keyspace, key, token), behind, enough)
         return enough(replies)
 
-    def renew(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "") -> Plan[float]:
+    def renew(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "", limit: int = 1) -> Plan[float]:
         """Renew ``owner``'s lease on a quorum; the new end of its validity.
 
         Nodes found without the lock (restarted empty, say) get it back, with
@@ -231,26 +242,27 @@ class Rules:
         for ``owner``, and :class:`LockUnavailable` when too few answered.
         """
         started = time.monotonic()
-        command = scripts.extend_call(self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000))
-        replies = yield self.read_all(command)  # every reply: the nodes that lost it are repaired
+        scheme = self.scheme(limit)
+        replies = yield self.read_all(
+            scheme.extend(key, owner=owner, lease_ms=math.ceil(ttl * 1000))
+        )  # every reply: the nodes that lost it are repaired
         valid_until = self.lease_end(started, ttl)
         left_ms = math.floor((valid_until - time.monotonic()) * 1000)
-        if sum(1 for r in replies if scripts.done(r)) >= self.quorum and left_ms > 0:
+        if sum(1 for r in replies if scripts.done(r)) >= scheme.size and left_ms > 0:
             lost = [i for i, reply in enumerate(replies) if scripts.missing(reply)]
             if lost:
-                repair = scripts.repair_call(self.keyspace, key, owner=owner, token=token, meta=meta, lease_ms=left_ms)
-                yield self.send(repair, lost)
+                yield self.send(scheme.repair(key, owner=owner, token=token, meta=meta, lease_ms=left_ms), lost)
             return valid_until
-        if sum(1 for r in replies if scripts.refused(r) or scripts.missing(r)) > len(self.names) - self.quorum:
+        if sum(1 for r in replies if scripts.refused(r) or scripts.missing(r)) > len(self.names) - scheme.size:
             raise LockLost(f"lock {key!r} is no longer ours on a quorum of nodes", key=key)
         errors = self.errors(replies)
         raise LockUnavailable.for_key(key, attempts=1, errors=errors, reason="could not extend on a quorum")
 
-    def release(self, key: str, owner: str, *, notify: bool = True) -> Plan[tuple[bool, list[Reply]]]:
-        """Delete the lock wherever ``owner`` still holds it: whether a quorum confirmed, and the replies."""
-        command = scripts.release_call(self.keyspace, key, owner=owner, notify=notify)
-        replies = yield self.broadcast(command, scripts.done)
-        if sum(1 for r in replies if scripts.done(r)) >= self.quorum:
+    def release(self, key: str, owner: str, *, notify: bool = True, limit: int = 1) -> Plan[tuple[bool, list[Reply]]]:
+        """Delete ``owner``'s lock or permit where it still holds it; whether a quorum confirmed, and the replies."""
+        scheme = self.scheme(limit)
+        replies = yield self.broadcast(scheme.release(key, owner=owner, notify=notify), scripts.done, scheme.size)
+        if sum(1 for r in replies if scripts.done(r)) >= scheme.size:
             return True, replies
         errors = self.errors(replies)
         if errors:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, TypeVar
 
 import redis
 
-from . import driver, queue_scripts, scripts
+from . import driver, permit_scripts, queue_scripts, scripts
 from .addresses import refuse_async
 from .cluster import ClusterNode, member
 from .counters import Tally, parse_counts
@@ -34,11 +34,13 @@ from .lease import Lock, LostCallback
 from .metadata import holder_metadata, quorum_holder
 from .nodes import Member
 from .plans import Plan, Rules, new_owner
-from .quorum import Quorum
+from .quorum import Quorum, quorum_size
 from .resend import Resender
 from .resp import pack
+from .schemes import Scheme
 from .validation import (
     check_acquire_options,
+    check_int,
     check_key,
     check_manager_options,
     check_number,
@@ -55,7 +57,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: The Lua sources every node connection loads when it connects.
-PRELOAD: Final = tuple(script.source for script in (*scripts.ALL, *queue_scripts.ALL))
+PRELOAD: Final = tuple(script.source for script in (*scripts.ALL, *permit_scripts.ALL, *queue_scripts.ALL))
 
 
 class Redlock:
@@ -144,7 +146,7 @@ class Redlock:
                 raise ValueError(f"nodes: {node.name} is given twice; Redlock needs independent masters")
             seen[node.identity] = node
         self._quorum = Quorum(self.nodes, socket_timeout=socket_timeout)
-        #: How many nodes must agree: a strict majority.
+        #: How many nodes must agree on a lock: a strict majority (semaphores need more: :meth:`quorum_for`).
         self.quorum = self._quorum.size
         self.retry_count = retry_count
         self.retry_delay = retry_delay
@@ -154,9 +156,7 @@ class Redlock:
         #: The names of every Redis key and channel this manager uses.
         self.keyspace = Keyspace(key_prefix, clustered=any(isinstance(node, ClusterNode) for node in self.nodes))
         #: The algorithm's decisions, shared with :class:`celery_dlock.aio.AsyncRedlock`.
-        self.rules = Rules(
-            [node.name for node in self.nodes], self.keyspace, quorum=self.quorum, drift_factor=drift_factor
-        )
+        self.rules = Rules([node.name for node in self.nodes], self.keyspace, drift_factor=drift_factor)
         self.socket_timeout = socket_timeout
         self.extend_every = extend_every
         self._watchdog = watchdog
@@ -168,9 +168,25 @@ class Redlock:
             schedule=later,
         )
         self._resender = Resender(self._quorum, later)
+        self._quorums: dict[int, Quorum] = {1: self._quorum}
 
     def __repr__(self) -> str:
         return f"<Redlock {len(self.nodes)} node(s), quorum {self.quorum}>"
+
+    def quorum_for(self, limit: int) -> int:
+        """How many nodes must grant one permit of a semaphore of ``limit``: ``⌊N·limit/(limit+1)⌋ + 1``."""
+        return quorum_size(len(self.nodes), check_int("limit", limit, minimum=1))
+
+    def scheme(self, limit: int = 1) -> Scheme:
+        """The scripts and quorum size of keys admitting ``limit`` holders (made once per limit)."""
+        return self.rules.scheme(limit)
+
+    def quorum_of(self, limit: int = 1) -> Quorum:
+        """The nodes, of which a quorum for ``limit`` holders must agree (made once per limit)."""
+        found = self._quorums.get(limit)
+        if found is None:
+            found = self._quorums[limit] = Quorum(self.nodes, socket_timeout=self.socket_timeout, limit=limit)
+        return found
 
     @property
     def watchdog(self) -> Watchdog:
@@ -193,8 +209,9 @@ class Redlock:
         owner_prefix: str = "",
         count_as: str | None = None,
         details: Mapping[str, Any] | None = None,
+        limit: int = 1,
     ) -> Lock:
-        """Take the lock on ``key`` for a lease of ``ttl`` seconds.
+        """Take the lock on ``key`` for a lease of ``ttl`` seconds, or one of its ``limit`` permits.
 
         With ``blocking=False`` one attempt is made.  Otherwise it waits,
         woken early by the holder's release: until ``timeout`` seconds have
@@ -210,6 +227,12 @@ class Redlock:
         releases under that label, inside the lock scripts (see :meth:`stats`).
         ``details`` adds JSON-serialisable fields to the stored metadata.
 
+        With ``limit=N`` the key is a semaphore: up to N holders at once,
+        each with its own permit, owner value and fencing token, renewed and
+        released like a lock.  A permit needs ``quorum_for(N)`` nodes, more
+        than a majority once N > 1 (``docs/guarantees.md``).  Use one limit
+        per key: a plain lock on the key blocks its permits, not the reverse.
+
         Raises :class:`LockBusy` if the key stayed held, and
         :class:`LockUnavailable` if a quorum could not be reached.
         """
@@ -217,6 +240,7 @@ class Redlock:
         ttl = check_ttl(ttl)
         check_acquire_options(timeout=timeout, max_hold=max_hold, on_lost=on_lost, label=label)
         check_text("owner_prefix", owner_prefix)
+        check_int("limit", limit, minimum=1)
         if count_as is not None:
             check_text("count_as", count_as)
 
@@ -224,7 +248,8 @@ class Redlock:
         meta = holder_metadata(label, details)
         retries = Retries(self.retry_count, self.retry_delay, self.retry_jitter, timeout=timeout, blocking=blocking)
         on_busy = (lambda: self.count(count_as, "busy")) if count_as else None
-        token, valid_until = self._run(self.rules.acquire(key, owner, ttl, meta, retries, on_busy=on_busy))
+        plan = self.rules.acquire(key, owner, ttl, meta, retries, on_busy=on_busy, limit=limit)
+        token, valid_until = self._run(plan)
         watchdog = self.watchdog if auto_extend else None
         lock = Lock(
             self,
@@ -239,6 +264,7 @@ class Redlock:
             count_as=count_as,
             watchdog=watchdog,
             meta=meta,
+            limit=limit,
         )
         if watchdog is not None:
             watchdog.watch(lock, self.extend_every)
@@ -259,6 +285,7 @@ class Redlock:
         on_lost: LostCallback | None = None,
         max_hold: float | None = None,
         label: str | None = None,
+        limit: int = 1,
     ) -> Iterator[Lock]:
         """Hold the lock on ``key`` for the ``with`` block, then release it.
 
@@ -274,14 +301,15 @@ class Redlock:
             on_lost=on_lost,
             max_hold=max_hold,
             label=label,
+            limit=limit,
         )
         try:
             yield held
         finally:
             held.release()
 
-    def release_owner(self, key: str, owner_prefix: str) -> bool:
-        """Release ``key`` if its owner value starts with ``owner_prefix``.
+    def release_owner(self, key: str, owner_prefix: str, *, limit: int = 1) -> bool:
+        """Release ``key`` (its permits, for a ``limit`` above 1) if its owner value starts with ``owner_prefix``.
 
         For supervisors: a process that started a holder with a known
         ``owner_prefix`` frees the lock once that holder is known to be dead,
@@ -290,8 +318,9 @@ class Redlock:
         check_key(key)
         if not isinstance(owner_prefix, str) or not owner_prefix:
             raise ValueError("owner_prefix: must be a non-empty str")
-        command = scripts.release_prefix_call(self.keyspace, key, prefix=owner_prefix)
-        return self._quorum.agreeing(self._quorum.broadcast(command, granted=scripts.done), scripts.done)
+        quorum = self.quorum_of(limit)
+        command = self.scheme(limit).release_prefix(key, prefix=owner_prefix)
+        return quorum.agreeing(quorum.broadcast(command, granted=scripts.done), scripts.done)
 
     def force_release(self, key: str) -> dict[str, Any] | None:
         """Delete ``key``'s lock whoever holds it; returns the holder it had.
@@ -315,6 +344,17 @@ class Redlock:
         """
         check_key(key)
         return quorum_holder(self._quorum.read_all(pack("HGETALL", self.keyspace.lock(key))), self.quorum)
+
+    def permit_holders(self, key: str) -> list[dict[str, Any]]:
+        """The holders of ``key``'s semaphore permits found on a majority of nodes, oldest first.
+
+        For operators: each is the holder's metadata with its ``token`` and
+        ``ttl`` (seconds left on the node that has the least).  Like
+        :meth:`holder`, it reads every node and takes nothing.
+        """
+        check_key(key)
+        replies = self._quorum.read_all(permit_scripts.list_permits_call(self.keyspace, key))
+        return permit_scripts.quorum_permits(replies, self.quorum)
 
     def count(self, label: str, event: str, amount: int = 1) -> None:
         """Add to the counter ``<label>:<event>``, written to every node at most ``flush_every`` s later."""
@@ -351,44 +391,53 @@ class Redlock:
         """When a lease of ``ttl`` granted after ``started`` stops being safe to rely on (monotonic)."""
         return self.rules.lease_end(started, ttl)
 
-    def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "") -> float:
-        """Renew ``owner``'s lease on a quorum; returns the new end of its validity.
+    def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "", limit: int = 1) -> float:
+        """Renew ``owner``'s lease (its permit, for a ``limit`` above 1) on a quorum; returns its new end.
 
         Nodes found without the lock (restarted empty, say) get it back, with
         ``token`` and ``meta`` and only the validity left, once a quorum has
         renewed it.  Raises :class:`LockLost` when a quorum no longer holds
         it for ``owner``, and :class:`LockUnavailable` when too few answered.
         """
-        return self._run(self.rules.renew(key, owner, ttl, token=token, meta=meta))
+        return self._run(self.rules.renew(key, owner, ttl, token=token, meta=meta, limit=limit))
 
-    def release_lease(self, key: str, owner: str, *, wait: bool = True, notify: bool = True) -> bool:
+    def release_lease(self, key: str, owner: str, *, wait: bool = True, notify: bool = True, limit: int = 1) -> bool:
         """Delete the lock wherever ``owner`` still holds it.
 
         Returns True when a quorum confirmed.  With ``wait=False`` it sends
         to every node and returns False at once: the replies are skipped on
         the next call.  ``notify=False`` wakes no waiter: for cleaning up a
         failed attempt, which a waiter would otherwise take for a release and
-        retry at once, again and again.
+        retry at once, again and again.  ``limit`` is the key's, as acquired.
         """
-        command = scripts.release_call(self.keyspace, key, owner=owner, notify=notify)
+        command = self.scheme(limit).release(key, owner=owner, notify=notify)
         if not wait:
             self._resender.resend_unreached(command, self.nodes, self._quorum.send_all(command))
             return False
-        released, replies = self._run(self.rules.release(key, owner, notify=notify))
+        released, replies = self._run(self.rules.release(key, owner, notify=notify, limit=limit))
         self._resender.resend_unreached(command, self.nodes, replies)
         return released
 
     # -- one attempt -----------------------------------------------------------
 
     def attempt(
-        self, key: str, owner: str, ttl: float, meta: str, attempt: int, count_as: str | None = None
+        self,
+        key: str,
+        owner: str,
+        ttl: float,
+        meta: str,
+        attempt: int,
+        count_as: str | None = None,
+        *,
+        limit: int = 1,
     ) -> tuple[int, float] | LockBusy | LockUnavailable:
         """Try once for ``owner``.  Returns ``(token, valid_until)`` or the error to raise.
 
         The low-level step of :meth:`acquire`, which checks the arguments;
-        ``meta`` is the holder metadata, ``attempt`` the attempt's number.
+        ``meta`` is the holder metadata, ``attempt`` the attempt's number,
+        ``limit`` the number of holders the key admits.
         """
-        outcome = self._run(self.rules.attempt(key, owner, ttl, meta, attempt))
+        outcome = self._run(self.rules.attempt(key, owner, ttl, meta, attempt, limit=limit))
         if count_as and isinstance(outcome, LockBusy):
             self.count(count_as, "busy")
         return outcome
