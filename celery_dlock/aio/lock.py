@@ -31,11 +31,13 @@ AsyncLostCallback = Callable[["AsyncLock", DLockError], None]
 class AsyncLeaseManager(Protocol):
     """What an :class:`AsyncLock` needs of the lock manager that granted it."""
 
-    async def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "") -> float:
+    async def renew_lease(
+        self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "", limit: int = 1
+    ) -> float:
         """Renew ``owner``'s lease on a quorum; when it stops being valid."""
         ...
 
-    async def release_lease(self, key: str, owner: str) -> bool:
+    async def release_lease(self, key: str, owner: str, *, limit: int = 1) -> bool:
         """Delete the lock wherever ``owner`` holds it; True if a quorum confirmed."""
         ...
 
@@ -60,6 +62,7 @@ class AsyncLock:
         on_lost: AsyncLostCallback | None = None,
         max_hold: float | None = None,
         meta: str = "",
+        limit: int = 1,
     ) -> None:
         #: The key as the caller gave it, without the prefix.
         self.key = key
@@ -67,6 +70,8 @@ class AsyncLock:
         self.token = token
         #: The lease in seconds, renewed in full by each extension.
         self.ttl = ttl
+        #: How many holders the key admits: 1 for a lock, more for a semaphore's permit.
+        self.limit = limit
         #: The caller's label, stored in the metadata.
         self.label = label
         #: Called on the event loop if an auto-extended lock is lost.
@@ -143,7 +148,9 @@ class AsyncLock:
                 raise LockLost(f"lock {self.key!r} was released", key=self.key)
             if self.lost:
                 raise LockLost(f"lock {self.key!r} lapsed before it was extended", key=self.key)
-            valid_until = await self._manager.renew_lease(self.key, self._owner, ttl, token=self.token, meta=self._meta)
+            valid_until = await self._manager.renew_lease(
+                self.key, self._owner, ttl, token=self.token, meta=self._meta, limit=self.limit
+            )
             self._valid_until = valid_until
             self.ttl = ttl
             self.extensions += 1
@@ -175,7 +182,7 @@ class AsyncLock:
     async def _end(self) -> bool:
         async with self._turn:
             lapsed = not self._lost and time.monotonic() >= self._valid_until
-            released = await self._manager.release_lease(self.key, self._owner)
+            released = await self._manager.release_lease(self.key, self._owner, limit=self.limit)
             self._released = True
         if lapsed:
             self.report_lost(

@@ -24,7 +24,14 @@ from ..lock.keyspace import DEFAULT_PREFIX, Keyspace
 from ..lock.metadata import holder_metadata
 from ..lock.plans import Plan, Rules, new_owner
 from ..lock.redlock import PRELOAD, Redlock
-from ..lock.validation import check_acquire_options, check_key, check_manager_options, check_text, check_ttl
+from ..lock.validation import (
+    check_acquire_options,
+    check_int,
+    check_key,
+    check_manager_options,
+    check_text,
+    check_ttl,
+)
 from ..lock.waiting import Retries
 from .lock import AsyncLock, AsyncLostCallback
 from .node import AsyncNode, NodeSpec
@@ -92,6 +99,10 @@ class AsyncRedlock:
         #: The algorithm's decisions, shared with the sync :class:`~celery_dlock.lock.redlock.Redlock`.
         self.rules = Rules([n.name for n in self.nodes], self.keyspace, drift_factor=drift_factor)
 
+    def quorum_for(self, limit: int) -> int:
+        """How many nodes must grant one permit of a semaphore of ``limit`` (``⌊N·limit/(limit+1)⌋ + 1``)."""
+        return self.rules.scheme(check_int("limit", limit, minimum=1)).size
+
     def __repr__(self) -> str:
         return f"<AsyncRedlock {len(self.nodes)} node(s), quorum {self.quorum}>"
 
@@ -108,8 +119,12 @@ class AsyncRedlock:
         label: str | None = None,
         owner_prefix: str = "",
         details: Mapping[str, Any] | None = None,
+        limit: int = 1,
     ) -> AsyncLock:
-        """Take the lock on ``key`` for a lease of ``ttl`` seconds; as :meth:`Redlock.acquire`.
+        """Take the lock on ``key`` for a lease of ``ttl`` seconds, or one of its ``limit`` permits.
+
+        The options are :meth:`Redlock.acquire`'s; ``limit=N`` makes the key
+        a semaphore, its permits shared with sync holders of the same limit.
 
         Raises :class:`LockBusy` if the key stayed held and
         :class:`LockUnavailable` if a quorum could not be reached.  If the
@@ -120,16 +135,28 @@ class AsyncRedlock:
         ttl = check_ttl(ttl)
         check_acquire_options(timeout=timeout, max_hold=max_hold, on_lost=on_lost, label=label)
         check_text("owner_prefix", owner_prefix)
+        check_int("limit", limit, minimum=1)
         owner = new_owner(owner_prefix)
         meta = holder_metadata(label, details)
         retries = Retries(self.retry_count, self.retry_delay, self.retry_jitter, timeout=timeout, blocking=blocking)
         try:
-            token, valid_until = await self._run(self.rules.acquire(key, owner, ttl, meta, retries))
+            token, valid_until = await self._run(self.rules.acquire(key, owner, ttl, meta, retries, limit=limit))
         except asyncio.CancelledError:
-            await asyncio.shield(background(fan(self.nodes, self.rules.read_all(self.rules.undo(key, owner)))))
+            undo = self.rules.read_all(self.rules.undo(key, owner, limit))
+            await asyncio.shield(background(fan(self.nodes, undo)))
             raise
         lock = AsyncLock(
-            self, key, owner, token, ttl, valid_until, label=label, on_lost=on_lost, max_hold=max_hold, meta=meta
+            self,
+            key,
+            owner,
+            token,
+            ttl,
+            valid_until,
+            label=label,
+            on_lost=on_lost,
+            max_hold=max_hold,
+            meta=meta,
+            limit=limit,
         )
         if auto_extend:
             loop_watchdog().watch(lock, self.extend_every)
@@ -147,6 +174,7 @@ class AsyncRedlock:
         on_lost: AsyncLostCallback | None = None,
         max_hold: float | None = None,
         label: str | None = None,
+        limit: int = 1,
     ) -> AsyncIterator[AsyncLock]:
         """Hold the lock on ``key`` for the ``async with`` block, then release it, even when cancelled.
 
@@ -161,6 +189,7 @@ class AsyncRedlock:
             on_lost=on_lost,
             max_hold=max_hold,
             label=label,
+            limit=limit,
         )
         try:
             yield held
@@ -174,13 +203,15 @@ class AsyncRedlock:
 
     # -- the lease of a held lock (the AsyncLeaseManager of AsyncLock) -----------
 
-    async def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "") -> float:
-        """Renew ``owner``'s lease on a quorum, repairing nodes that lost it; when it stops being valid."""
-        return await self._run(self.rules.renew(key, owner, ttl, token=token, meta=meta))
+    async def renew_lease(
+        self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "", limit: int = 1
+    ) -> float:
+        """Renew ``owner``'s lease (or permit) on a quorum, repairing nodes that lost it; when it stops being valid."""
+        return await self._run(self.rules.renew(key, owner, ttl, token=token, meta=meta, limit=limit))
 
-    async def release_lease(self, key: str, owner: str) -> bool:
-        """Delete the lock wherever ``owner`` still holds it; True if a quorum confirmed."""
-        released, _ = await self._run(self.rules.release(key, owner))
+    async def release_lease(self, key: str, owner: str, *, limit: int = 1) -> bool:
+        """Delete the lock (or permit) wherever ``owner`` still holds it; True if a quorum confirmed."""
+        released, _ = await self._run(self.rules.release(key, owner, limit=limit))
         return released
 
     def forget(self, lock: AsyncLock) -> None:

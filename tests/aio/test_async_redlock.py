@@ -20,7 +20,7 @@ from support.redis_servers import RedisCluster, RedisServer
 from celery_dlock import LockBusy, LockLost, LockUnavailable, Redlock
 from celery_dlock.aio import AsyncLock, AsyncRedlock, DLockError, loop_watchdog
 from celery_dlock.lock.resp import pack
-from celery_dlock.testing.intervals import falling_tokens, overlaps
+from celery_dlock.testing.intervals import falling_tokens, most_at_once, overlaps
 
 T = TypeVar("T")
 
@@ -133,7 +133,7 @@ def test_nodes_must_be_given_to_the_right_client(redis_node1: RedisCluster) -> N
         Redlock(async_client)
     with pytest.raises(TypeError, match="AsyncRedlock"):
         Redlock([url, async_client])
-    with pytest.raises(TypeError, match="redis.asyncio"):
+    with pytest.raises(TypeError, match=r"redis\.asyncio"):
         AsyncRedlock(redis.Redis.from_url(url))
     with pytest.raises(ValueError, match="Sentinel"):
         AsyncRedlock("sentinel://127.0.0.1:26379")
@@ -212,6 +212,45 @@ def test_a_hung_majority_is_unavailable(redis_nodes3: RedisCluster) -> None:
     run(scenario)
 
 
+# -- semaphores -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_permits_are_shared_with_sync_holders_of_the_same_limit(redis_nodes, size: int) -> None:
+    nodes = redis_nodes(size)
+    sync = Redlock(nodes.urls)
+
+    async def scenario() -> None:
+        redlock = AsyncRedlock(nodes.urls)
+        assert redlock.quorum_for(2) == sync.quorum_for(2)
+        first = await redlock.acquire("api", ttl=10, limit=2)
+        second = sync.acquire("api", ttl=10, limit=2)
+        assert first.limit == 2 and second.token != first.token
+        with pytest.raises(LockBusy, match="permits"):
+            await redlock.acquire("api", ttl=10, limit=2, blocking=False)
+        await first.extend()
+        assert await first.release() is True
+        async with redlock.lock("api", ttl=10, limit=2) as third:
+            assert third.token > first.token
+            with pytest.raises(LockBusy):
+                sync.acquire("api", ttl=10, limit=2, blocking=False)
+        second.release()
+        await redlock.close()
+
+    run(scenario)
+
+
+def test_mixed_permit_holders_in_processes_never_exceed_the_limit(redis_nodes3: RedisCluster, redis_server) -> None:
+    context = multiprocessing.get_context("spawn")
+    clients = ["sync", "async", "async", "sync", "async"]
+    jobs = [(redis_nodes3.urls, redis_server.url, "pool", 10, client, 2) for client in clients]
+    with context.Pool(len(clients)) as pool:
+        assert pool.starmap(run_counted_sections, jobs) == [10] * len(clients)
+    sections = read_sections(redis_server.client())
+    assert len(sections) == 50 and len({s.token for s in sections}) == 50
+    assert most_at_once(sections)["pool"] <= 2
+
+
 # -- waking on release -------------------------------------------------------------
 
 
@@ -241,27 +280,32 @@ def test_a_waiter_is_woken_by_a_sync_holders_release(redis_nodes, size: int) -> 
 # -- cancellation ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [1, 3])
-def test_cancelling_acquire_at_every_await_point_leaves_nothing_held(redis_nodes, size: int) -> None:
+@pytest.mark.parametrize(("size", "limit"), [(1, 1), (3, 1), (3, 2)])
+def test_cancelling_acquire_at_every_await_point_leaves_nothing_held(redis_nodes, size: int, limit: int) -> None:
     nodes = redis_nodes(size)
+
+    def holding(key: str) -> list[int]:
+        if limit == 1:
+            return held_anywhere(nodes, key)
+        return [i for i, client in enumerate(nodes.clients()) if client.zcard(f"dlock:permits:{key}")]
 
     async def scenario() -> int:
         redlock = AsyncRedlock(nodes.urls)
-        whole = CancelAt(redlock.acquire("probe", ttl=30))
+        whole = CancelAt(redlock.acquire("probe", ttl=30, limit=limit))
         await (await whole).release()
         assert whole.suspensions > 0
         cancelled = 0
         for at in range(1, whole.suspensions + 1):
             key = f"cancel-{at}"
             try:
-                lock = await CancelAt(redlock.acquire(key, ttl=30), at)
+                lock = await CancelAt(redlock.acquire(key, ttl=30, limit=limit), at)
             except asyncio.CancelledError:
                 cancelled += 1
-                assert held_anywhere(nodes, key) == [], f"cancelled at await {at}, the lock stayed"
+                assert holding(key) == [], f"cancelled at await {at}, the lock stayed"
                 uncancel()
             else:  # this run suspended fewer times: nothing to cancel
                 await lock.release()
-            again = await redlock.acquire(key, ttl=30, blocking=False)
+            again = await redlock.acquire(key, ttl=30, blocking=False, limit=limit)
             await again.release()
         await redlock.close()
         return cancelled

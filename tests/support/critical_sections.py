@@ -111,26 +111,28 @@ def counted_section(recorder: redis.Redis, key: str, token: int) -> Iterator[Non
         record_section(recorder, key, token, enter, time.monotonic_ns())
 
 
-
-def run_counted_sections(node_urls: Sequence[str], recorder_url: str, key: str, rounds: int, client: str) -> int:
+def run_counted_sections(
+    node_urls: Sequence[str], recorder_url: str, key: str, rounds: int, client: str, limit: int = 1
+) -> int:
     """Enter :func:`counted_section` on ``key`` ``rounds`` times, locked by ``client``: ``"sync"`` or ``"async"``.
 
     Sync :class:`Redlock` and :class:`AsyncRedlock` holders in several
-    processes record into one history, so their sections can be judged together.
+    processes record into one history, so their sections can be judged
+    together; with ``limit`` above 1 each holds one of the key's permits.
     """
     recorder = redis.Redis.from_url(recorder_url)
     options = {"retry_count": 1000, "retry_delay": 0.01, "retry_jitter": 0.01}
     if client == "sync":
         redlock = Redlock(list(node_urls), **options)
         for _ in range(rounds):
-            with redlock.lock(key, ttl=10) as lock, counted_section(recorder, key, lock.token):
+            with redlock.lock(key, ttl=10, limit=limit) as lock, counted_section(recorder, key, lock.token):
                 time.sleep(0.001)
         return rounds
 
     async def sections() -> int:
         manager = AsyncRedlock(list(node_urls), **options)
         for _ in range(rounds):
-            async with manager.lock(key, ttl=10) as held:
+            async with manager.lock(key, ttl=10, limit=limit) as held:
                 with counted_section(recorder, key, held.token):
                     await asyncio.sleep(0.001)
         await manager.close()
