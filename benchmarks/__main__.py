@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import contention, cpus, drain, handoff, latency, memory, plotting, reclaim, report
+from . import asyncio_latency, contention, cpus, drain, handoff, latency, memory, plotting, reclaim, report
 from .machine import Machine, describe
 from .scenario import RunOptions, Scenario, ScenarioResult
 
@@ -31,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in (
         latency.SCENARIO,
+        asyncio_latency.SCENARIO,
         handoff.SCENARIO,
         drain.SCENARIO,
         contention.SCENARIO,

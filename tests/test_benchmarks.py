@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("latency", "handoff", "drain", "contention", "memory", "reclaim")
+SCENARIOS = ("latency", "asyncio", "handoff", "drain", "contention", "memory", "reclaim")
 
 
 def test_every_scenario_runs_at_quick_size(tmp_path: Path) -> None:

@@ -1,35 +1,39 @@
 """One independent Redis master, reached from an event loop.
 
-An :class:`AsyncNode` has one connection per event loop, made from a URL or
-a :class:`redis.asyncio.Redis` client's settings with redis-py's retries off
-(as :class:`~celery_dlock.lock.nodes.Node` does), the Lua scripts loaded as
-it connects.  Commands to one node run one at a time in the order they were
-issued, each bounded by ``socket_timeout``: a fan-out runs every node's
-command in a task of its own, so a caller that stops waiting (a quorum is
-in, or it was cancelled) leaves the reply to be read in order, and a later
-command (the undo of a cancelled attempt) always runs after it.
+An :class:`AsyncNode` has one pipelined connection per event loop
+(:class:`~celery_dlock.aio.wire.Wire`), made from a URL or a
+:class:`redis.asyncio.Redis` client's settings, the Lua scripts loaded as it
+connects.  :meth:`AsyncNode.submit` writes a command at once and returns
+the future of its reply, so a fan-out writes to every node before it waits
+for any; commands queued while the connection is being made are written in
+the order they came.  :meth:`AsyncNode.expire` ends a reply that took longer
+than ``socket_timeout`` and drops the connection, whose later replies could
+no longer be matched; the next command dials again.  Subscriptions use
+redis-py connections of their own (:meth:`AsyncNode.new_connection`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import weakref
 from collections.abc import Sequence
 from typing import Any, Final
 
 import redis.asyncio
-from redis.asyncio.connection import AbstractConnection, ConnectionPool, UnixDomainSocketConnection
+from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..lock.addresses import SENTINEL_SCHEME, mask_url, resolve
 from ..lock.cluster import is_cluster_url
 from ..lock.nodes import Reply
 from ..lock.resp import pack
+from .wire import Wire
 
 __all__ = ["AsyncNode", "NodeSpec"]
 
@@ -43,14 +47,14 @@ _DROPPED: Final = ("connection_pool", "maint_notifications_config", "orig_host_a
 
 
 class _Link:
-    """A node's connection on one event loop, and the lock that keeps its commands in order."""
+    """A node's connection on one event loop, or the commands waiting for it to be made."""
 
-    __slots__ = ("conn", "turn", "used")
+    __slots__ = ("queued", "wire")
 
-    def __init__(self, conn: AbstractConnection) -> None:
-        self.conn = conn
-        self.turn = asyncio.Lock()
-        self.used = False
+    def __init__(self) -> None:
+        self.wire: Wire | None = None
+        #: While dialling: the commands to write once connected, in order.
+        self.queued: list[tuple[bytes, asyncio.Future[Reply]]] | None = None
 
 
 class AsyncNode:
@@ -77,91 +81,124 @@ class AsyncNode:
         #: Equal for two nodes that are the same server.
         self.identity = address.identity
         self.socket_timeout = socket_timeout
-        self._preload = b"".join(pack("SCRIPT", "LOAD", source) for source in preload)
-        self._preloaded = len(preload)
+        self._handshake = _handshake(kwargs)
+        self._reload = b"".join(pack("SCRIPT", "LOAD", source) for source in preload)
+        self._scripts = len(preload)
         self._links: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Link] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"<AsyncNode {self.name}>"
 
-    def new_connection(self, *, read_timeout: float | None = None) -> AbstractConnection:
-        """A connection of the caller's own, not yet connected; a subscription's reads wait forever (``None``)."""
-        conn: AbstractConnection = self._connection_class(**{**self._kwargs, "socket_timeout": read_timeout})
+    def new_connection(self) -> AbstractConnection:
+        """A redis-py connection of the caller's own, not yet connected, whose reads wait forever (subscriptions)."""
+        conn: AbstractConnection = self._connection_class(**{**self._kwargs, "socket_timeout": None})
         return conn
 
-    async def execute(self, packed: bytes) -> Reply:
-        """Run one packed command in turn; its reply, or the error (returned, not raised)."""
-        link = self._link()
-        async with link.turn:
-            for _ in range(2):
-                try:
-                    return await asyncio.wait_for(self._call(link, packed), self.socket_timeout)
-                except ResponseError as exc:
-                    return exc
-                except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                    error = (
-                        exc
-                        if isinstance(exc, RedisError)
-                        else RedisTimeoutError(f"no reply within {self.socket_timeout}s")
-                    )
-                    await _drop(link.conn)
-                    # A connection that worked and now fails was most likely closed by a
-                    # restart; every command sent is safe to repeat, so it is sent once more.
-                    if not (link.used and isinstance(exc, RedisConnectionError)):
-                        return error
-                    link.used = False
-            return error
-
-    async def close(self) -> None:
-        """Close this event loop's connection, if it has one, once the commands sent on it are answered."""
-        link = self._links.pop(asyncio.get_running_loop(), None)
-        if link is not None:
-            async with link.turn:
-                await _drop(link.conn)
-
-    def _link(self) -> _Link:
+    def submit(self, packed: bytes) -> asyncio.Future[Reply]:
+        """Write one packed command now (or as soon as connected); the future of its reply or error."""
         loop = asyncio.get_running_loop()
         link = self._links.get(loop)
         if link is None:
-            link = self._links[loop] = _Link(self.new_connection(read_timeout=self.socket_timeout))
-        return link
-
-    async def _call(self, link: _Link, packed: bytes) -> Reply:
-        conn = link.conn
-        if not conn.is_connected:
-            await conn.connect()  # type: ignore[no-untyped-call]
-            await self._load_scripts(conn)
-        await conn.send_packed_command(packed, check_health=False)
-        try:
-            reply = await conn.read_response()
-        except NoScriptError:
-            # Someone ran SCRIPT FLUSH since we connected: load and resend once.
-            await self._load_scripts(conn)
-            await conn.send_packed_command(packed, check_health=False)
-            reply = await conn.read_response()
-        link.used = True
+            link = self._links[loop] = _Link()
+        reply: asyncio.Future[Reply] = loop.create_future()
+        if link.wire is not None and not link.wire.closed:
+            link.wire.request(packed, reply)
+        elif link.queued is not None:
+            link.queued.append((packed, reply))
+        else:
+            link.queued = [(packed, reply)]
+            link.wire = None
+            _keep(loop.create_task(self._dial(link)))
         return reply
 
-    async def _load_scripts(self, conn: AbstractConnection) -> None:
-        if self._preloaded:
-            await conn.send_packed_command(self._preload, check_health=False)
-            for _ in range(self._preloaded):
-                await conn.read_response()
+    def expire(self, reply: asyncio.Future[Reply]) -> None:
+        """End a reply that is late: it becomes a timeout, and the connection is dropped."""
+        if not reply.done():
+            reply.set_result(RedisTimeoutError(f"no reply from {self.name} within {self.socket_timeout}s"))
+        link = self._links.get(asyncio.get_running_loop())
+        if link is not None and link.wire is not None:
+            link.wire.abort()
+            link.wire = None
+
+    async def execute(self, packed: bytes) -> Reply:
+        """Send one command and wait for its reply (or the error), up to ``socket_timeout``."""
+        reply = self.submit(packed)
+        done, _ = await asyncio.wait([reply], timeout=self.socket_timeout)
+        if not done:
+            self.expire(reply)
+        return reply.result()
+
+    async def close(self) -> None:
+        """Close this event loop's connection, once the commands written on it are answered."""
+        loop = asyncio.get_running_loop()
+        link = self._links.get(loop)
+        if link is None:
+            return
+        if link.wire is not None or link.queued is not None:
+            await self.execute(pack("PING"))
+        del self._links[loop]
+        if link.wire is not None:
+            await link.wire.close()
+
+    async def _dial(self, link: _Link) -> None:
+        loop = asyncio.get_running_loop()
+        wire = Wire(self.name, self._reload, self._scripts)
+        kwargs = self._kwargs
+        try:
+            if "path" in kwargs:
+                connect = loop.create_unix_connection(lambda: wire, kwargs["path"])
+            else:
+                context = _ssl_context(self._connection_class, kwargs)
+                connect = loop.create_connection(
+                    lambda: wire, kwargs.get("host", "localhost"), kwargs.get("port", 6379), ssl=context
+                )
+            await asyncio.wait_for(connect, self.socket_timeout)
+        except (OSError, asyncio.TimeoutError, RedisError) as exc:
+            error = (
+                RedisTimeoutError(f"{self.name}: connect timed out")
+                if isinstance(exc, TimeoutError)
+                else RedisConnectionError(f"{self.name}: {exc}")
+            )
+            for _, reply in link.queued or ():
+                if not reply.done():
+                    reply.set_result(error)
+            link.queued = None
+            return
+        handshake, replies = self._handshake
+        wire.skip(handshake + self._reload, replies + self._scripts)
+        for packed, reply in link.queued or ():
+            wire.request(packed, reply)
+        link.queued = None
+        link.wire = wire
 
 
-async def _drop(conn: AbstractConnection) -> None:
-    try:
-        await conn.disconnect()
-    except (RedisError, OSError) as exc:
-        logger.debug("disconnecting %r failed: %r", conn, exc)
+#: Tasks nobody awaits (dials): kept alive until done.
+_DIALS: set[asyncio.Task[None]] = set()
 
 
-def _as_redis_error(exc: BaseException, timeout: float) -> RedisError:
-    if isinstance(exc, RedisError):
-        return exc
-    if isinstance(exc, TimeoutError):
-        return RedisTimeoutError(f"no reply within {timeout}s")
-    return RedisConnectionError(f"{type(exc).__name__}: {exc}")
+def _keep(task: asyncio.Task[None]) -> None:
+    _DIALS.add(task)
+    task.add_done_callback(_DIALS.discard)
+
+
+def _handshake(kwargs: dict[str, Any]) -> tuple[bytes, int]:
+    """What a new connection sends first (AUTH, SELECT) and how many replies that is."""
+    commands = []
+    if kwargs.get("password"):
+        user = kwargs.get("username")
+        commands.append(pack("AUTH", user, kwargs["password"]) if user else pack("AUTH", kwargs["password"]))
+    if int(kwargs.get("db") or 0):
+        commands.append(pack("SELECT", int(kwargs["db"])))
+    return b"".join(commands), len(commands)
+
+
+def _ssl_context(connection_class: type, kwargs: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context a ``rediss://`` node's redis-py connection would use, else ``None``."""
+    if not issubclass(connection_class, SSLConnection):
+        return None
+    conn = connection_class(**kwargs)
+    context: ssl.SSLContext = conn.ssl_context.get()
+    return context
 
 
 def _pool(spec: object) -> ConnectionPool:

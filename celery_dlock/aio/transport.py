@@ -43,16 +43,30 @@ def background(work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
 
 
 async def fan(nodes: Sequence[AsyncNode], request: Fan) -> list[Reply]:
-    """Send ``request`` to its targets at once; the replies (aligned) once it is decided."""
+    """Write ``request`` to its targets at once; the replies (aligned) once it is decided.
+
+    A target still silent after its ``socket_timeout`` gets a timeout error
+    (and its connection is dropped); one silent when the outcome is decided
+    keeps :data:`~celery_dlock.lock.nodes.NO_REPLY`, its reply read later in order.
+    """
     replies: list[Reply] = [NO_REPLY] * len(request.targets)
     places: dict[asyncio.Future[Reply], int] = {
-        background(nodes[i].execute(request.command)): place for place, i in enumerate(request.targets)
+        nodes[i].submit(request.command): place for place, i in enumerate(request.targets)
     }
     pending: set[asyncio.Future[Reply]] = set(places)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max((node.socket_timeout for node in nodes), default=0.0)
     while pending and not request.decided(replies):
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            replies[places[task]] = task.result()
+        left = deadline - loop.time()
+        if left <= 0:
+            for reply in pending:
+                place = places[reply]
+                nodes[request.targets[place]].expire(reply)
+                replies[place] = reply.result()
+            break
+        done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        for reply in done:
+            replies[places[reply]] = reply.result()
     return replies
 
 
