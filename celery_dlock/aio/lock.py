@@ -13,14 +13,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
 from ..lock.errors import DLockError, LockLost
+from ..lock.lease_state import LeaseState
 from ..lock.validation import check_ttl
 from .transport import background
 
-__all__ = ["AsyncLeaseManager", "AsyncLock", "AsyncLostCallback"]
+__all__ = ["AsyncLeaseManager", "AsyncLock", "AsyncLostCallback", "Holding"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,48 +48,48 @@ class AsyncLeaseManager(Protocol):
         ...
 
 
-class AsyncLock:
-    """A held lock: made by :meth:`AsyncRedlock.acquire`, released by ``await release()`` or ``async with``."""
+@dataclass(frozen=True)
+class Holding:
+    """How an acquirer asked to hold its lock: the options of :meth:`AsyncRedlock.acquire` that outlive it."""
+
+    #: The caller's label, stored in the metadata.
+    label: str | None = None
+    #: Called on the event loop if an auto-extended lock is lost.
+    on_lost: AsyncLostCallback | None = None
+    #: Stop auto-extending once the lock has been held this many seconds.
+    max_hold: float | None = None
+    #: The holder metadata stored with the lock (JSON), put back on nodes that lost it.
+    meta: str = ""
+    #: How many holders the key admits: 1 for a lock, more for a semaphore's permit.
+    limit: int = 1
+
+
+class AsyncLock(LeaseState):
+    """A held lock: made by :meth:`AsyncRedlock.acquire`, released by ``await release()`` or ``async with``.
+
+    Attributes:
+        key: The key as the caller gave it, without the prefix.
+        token: The fencing token: strictly greater than every earlier holder's, sync or async.
+        ttl: The lease in seconds, renewed in full by each extension.
+        label, on_lost, max_hold, limit: As given to :meth:`AsyncRedlock.acquire` (see :class:`Holding`).
+        extensions: How many times the lease has been extended.
+        acquired_at: When the lock was acquired, on the monotonic clock.
+
+    """
 
     def __init__(
-        self,
-        manager: AsyncLeaseManager,
-        key: str,
-        owner: str,
-        token: int,
-        ttl: float,
-        valid_until: float,
-        *,
-        label: str | None = None,
-        on_lost: AsyncLostCallback | None = None,
-        max_hold: float | None = None,
-        meta: str = "",
-        limit: int = 1,
+        self, manager: AsyncLeaseManager, key: str, owner: str, ttl: float, grant: tuple[int, float], holding: Holding
     ) -> None:
-        #: The key as the caller gave it, without the prefix.
-        self.key = key
-        #: The fencing token: strictly greater than every earlier holder's (sync or async).
-        self.token = token
-        #: The lease in seconds, renewed in full by each extension.
-        self.ttl = ttl
-        #: How many holders the key admits: 1 for a lock, more for a semaphore's permit.
-        self.limit = limit
-        #: The caller's label, stored in the metadata.
-        self.label = label
-        #: Called on the event loop if an auto-extended lock is lost.
-        self.on_lost = on_lost
-        #: Stop auto-extending once the lock has been held this many seconds.
-        self.max_hold = max_hold
-        #: How many times the lease has been extended.
-        self.extensions = 0
-        #: When the lock was acquired, on the monotonic clock.
-        self.acquired_at = time.monotonic()
-        self._manager = manager
-        self._owner = owner
-        self._meta = meta
-        self._valid_until = valid_until
-        self._lost = False
-        self._released = False
+        self.key, self.ttl, self.acquired_at, self.extensions = key, ttl, time.monotonic(), 0
+        self.token, self._valid_until = grant
+        self.label, self.on_lost, self.max_hold, self.limit = (
+            holding.label,
+            holding.on_lost,
+            holding.max_hold,
+            holding.limit,
+        )
+        self._manager, self._owner, self._meta = manager, owner, holding.meta
+        self._lost = self._released = False
         self._release: asyncio.Task[bool] | None = None
         self._turn = asyncio.Lock()  # renewals and the release, one at a time
 
@@ -104,33 +106,9 @@ class AsyncLock:
         await self.release()
 
     @property
-    def owner(self) -> str:
-        """The random value that identifies this holder on every node."""
-        return self._owner
-
-    @property
-    def released(self) -> bool:
-        """Whether the nodes have answered a :meth:`release`."""
-        return self._released
-
-    @property
-    def lost(self) -> bool:
-        """True once the lease lapsed or an extension failed: stop writing, or fence writes with :attr:`token`."""
-        return self._lost or (not self._released and time.monotonic() >= self._valid_until)
-
-    @property
     def finished(self) -> bool:
         """Released (or releasing), or its loss recorded: nothing is left to renew."""
         return self._release is not None or self._lost
-
-    def remaining(self) -> float:
-        """Seconds of validity left, on the monotonic clock (0 once released)."""
-        return 0.0 if self._released else max(0.0, self._valid_until - time.monotonic())
-
-    def ensure_held(self) -> None:
-        """Raise :class:`LockLost` if the lock is lost; call before a write."""
-        if self.lost:
-            raise LockLost(f"lock {self.key!r} (token {self.token}) is lost", key=self.key)
 
     async def extend(self, ttl: float | None = None) -> None:
         """Renew the lease to ``ttl`` seconds (by default the original ttl); on failure it is marked :attr:`lost`."""
@@ -168,16 +146,6 @@ class AsyncLock:
             self._release = background(self._end())
         released = await asyncio.shield(self._release)
         return released and first
-
-    def report_lost(self, error: DLockError) -> None:
-        """Record the loss, log it and tell ``on_lost``; called by the watchdog."""
-        self._lost = True
-        logger.warning("lock %r (token %s) lost: %s", self.key, self.token, error)
-        if self.on_lost is not None:
-            try:
-                self.on_lost(self, error)
-            except Exception:
-                logger.exception("on_lost callback for lock %r raised", self.key)
 
     async def _end(self) -> bool:
         async with self._turn:

@@ -31,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..lock.addresses import SENTINEL_SCHEME, mask_url, resolve
 from ..lock.cluster import is_cluster_url
-from ..lock.nodes import Reply
+from ..lock.nodes import Reply, lock_connection_settings
 from ..lock.resp import pack
 from .wire import Wire
 
@@ -63,16 +63,7 @@ class AsyncNode:
     def __init__(self, spec: NodeSpec, *, socket_timeout: float, preload: Sequence[str] = ()) -> None:
         pool = _pool(spec)
         kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _DROPPED}
-        kwargs.update(
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_error=[],
-            retry_on_timeout=False,
-            decode_responses=False,
-            health_check_interval=0,
-            protocol=2,
-        )
+        kwargs.update(lock_connection_settings(socket_timeout), retry=Retry(NoBackoff(), 0))
         self._connection_class = pool.connection_class
         self._kwargs = kwargs
         address = resolve(_sync_url(pool), socket_timeout=socket_timeout)

@@ -18,29 +18,40 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar
 
 from ..lock.keyspace import DEFAULT_PREFIX, Keyspace
 from ..lock.metadata import holder_metadata
 from ..lock.plans import Plan, Rules, new_owner
 from ..lock.redlock import PRELOAD, Redlock
 from ..lock.validation import (
-    check_acquire_options,
+    check_acquire,
     check_int,
-    check_key,
     check_manager_options,
-    check_text,
-    check_ttl,
 )
 from ..lock.waiting import Retries
-from .lock import AsyncLock, AsyncLostCallback
+from .lock import AsyncLock, AsyncLostCallback, Holding
 from .node import AsyncNode, NodeSpec
 from .transport import background, drive, fan
 from .watchdog import loop_watchdog
 
-__all__ = ["AsyncRedlock"]
+__all__ = ["AsyncRedlock", "LockOptions"]
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 T = TypeVar("T")
+
+
+class LockOptions(TypedDict, total=False):
+    """The options :meth:`AsyncRedlock.lock` passes on to :meth:`AsyncRedlock.acquire`."""
+
+    blocking: bool
+    timeout: float | None
+    on_lost: AsyncLostCallback | None
+    max_hold: float | None
+    label: str | None
+    limit: int
 
 
 class AsyncRedlock:
@@ -131,11 +142,7 @@ class AsyncRedlock:
         caller is cancelled, the attempt is undone on every node (and waited
         for) before the cancellation goes on.
         """
-        check_key(key)
-        ttl = check_ttl(ttl)
-        check_acquire_options(timeout=timeout, max_hold=max_hold, on_lost=on_lost, label=label)
-        check_text("owner_prefix", owner_prefix)
-        check_int("limit", limit, minimum=1)
+        ttl = check_acquire(key, ttl, timeout, max_hold, on_lost, label, owner_prefix, limit)
         owner = new_owner(owner_prefix)
         meta = holder_metadata(label, details)
         retries = Retries(self.retry_count, self.retry_delay, self.retry_jitter, timeout=timeout, blocking=blocking)
@@ -145,52 +152,21 @@ class AsyncRedlock:
             undo = self.rules.read_all(self.rules.undo(key, owner, limit))
             await asyncio.shield(background(fan(self.nodes, undo)))
             raise
-        lock = AsyncLock(
-            self,
-            key,
-            owner,
-            token,
-            ttl,
-            valid_until,
-            label=label,
-            on_lost=on_lost,
-            max_hold=max_hold,
-            meta=meta,
-            limit=limit,
-        )
+        holding = Holding(label=label, on_lost=on_lost, max_hold=max_hold, meta=meta, limit=limit)
+        lock = AsyncLock(self, key, owner, ttl, (token, valid_until), holding)
         if auto_extend:
             loop_watchdog().watch(lock, self.extend_every)
         return lock
 
     @asynccontextmanager
     async def lock(
-        self,
-        key: str,
-        ttl: float,
-        *,
-        auto_extend: bool = True,
-        blocking: bool = True,
-        timeout: float | None = None,
-        on_lost: AsyncLostCallback | None = None,
-        max_hold: float | None = None,
-        label: str | None = None,
-        limit: int = 1,
+        self, key: str, ttl: float, *, auto_extend: bool = True, **options: Unpack[LockOptions]
     ) -> AsyncIterator[AsyncLock]:
         """Hold the lock on ``key`` for the ``async with`` block, then release it, even when cancelled.
 
-        Arguments are as for :meth:`acquire`, except that auto-extension is on by default.
+        ``options`` are :meth:`acquire`'s (:class:`LockOptions`); auto-extension is on by default.
         """
-        held = await self.acquire(
-            key,
-            ttl,
-            blocking=blocking,
-            timeout=timeout,
-            auto_extend=auto_extend,
-            on_lost=on_lost,
-            max_hold=max_hold,
-            label=label,
-            limit=limit,
-        )
+        held = await self.acquire(key, ttl, auto_extend=auto_extend, **options)
         try:
             yield held
         finally:

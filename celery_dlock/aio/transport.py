@@ -20,7 +20,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from ..lock.nodes import NO_REPLY, Reply
-from ..lock.plans import Fan, Listen, Pause, Plan
+from ..lock.plans import Done, Fan, Listen, Pause, Plan, advance
 from ..lock.resp import pack
 from .node import AsyncNode
 
@@ -76,12 +76,10 @@ async def drive(plan: Plan[T], nodes: Sequence[AsyncNode]) -> T:
     answer: Any = None
     try:
         while True:
-            try:
-                request = plan.send(answer)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            match request:
-                case Fan():
+            match advance(plan, answer):
+                case Done(value=outcome):
+                    return outcome
+                case Fan() as request:
                     answer = await fan(nodes, request)
                 case Listen(channel=channel):
                     listener = await ReleaseListener.subscribe(nodes, channel)

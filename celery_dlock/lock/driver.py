@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from .fanout import fan_out
 from .nodes import Member
-from .plans import Fan, Listen, Plan
+from .plans import Done, Fan, Listen, Plan, advance
 from .waiting import ReleaseWaiter
 
 __all__ = ["run"]
@@ -28,11 +28,7 @@ def run(plan: Plan[T], nodes: Sequence[Member], *, timeout: float) -> T:
     waiter: ReleaseWaiter | None = None
     answer: Any = None
     try:
-        while True:
-            try:
-                request = plan.send(answer)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+        while not isinstance(request := advance(plan, answer), Done):
             if isinstance(request, Fan):
                 calls = [(nodes[i], request.command) for i in request.targets]
                 answer = fan_out(calls, decided=request.decided, timeout=timeout)
@@ -44,6 +40,7 @@ def run(plan: Plan[T], nodes: Sequence[Member], *, timeout: float) -> T:
             else:
                 time.sleep(request.delay)
                 answer = None
+        return request.value
     finally:
         if waiter is not None:
             waiter.close()

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from .errors import DLockError, LockLost
 from .faults import fault_point
+from .lease_state import LeaseState
 from .validation import check_ttl
 from .watchdog import Watchdog
 
@@ -44,7 +45,7 @@ class LeaseManager(Protocol):
         ...
 
 
-class Lock:
+class Lock(LeaseState):
     """A held lock: its key, fencing token and lease.
 
     Made by :meth:`Redlock.acquire`; not constructed directly.  It is a
@@ -115,41 +116,9 @@ class Lock:
         self.release()
 
     @property
-    def owner(self) -> str:
-        """The random value that identifies this holder on every node."""
-        return self._owner
-
-    @property
-    def released(self) -> bool:
-        """Whether :meth:`release` has been called."""
-        return self._released
-
-    @property
-    def lost(self) -> bool:
-        """True once the lease lapsed or an extension failed.
-
-        A lost lock may already belong to someone else: stop writing, or fence
-        writes with :attr:`token`.
-        """
-        if self._lost:
-            return True
-        return not self._released and time.monotonic() >= self._valid_until
-
-    @property
     def finished(self) -> bool:
         """Released, or its loss recorded: nothing is left to renew."""
         return self._released or self._lost
-
-    def remaining(self) -> float:
-        """Seconds of validity left, on the monotonic clock (0 once released)."""
-        if self._released:
-            return 0.0
-        return max(0.0, self._valid_until - time.monotonic())
-
-    def ensure_held(self) -> None:
-        """Raise :class:`LockLost` if the lock is lost; call before a write."""
-        if self.lost:
-            raise LockLost(f"lock {self.key!r} (token {self.token}) is lost", key=self.key)
 
     def extend(self, ttl: float | None = None) -> None:
         """Renew the lease to ``ttl`` seconds (by default the original ttl).
@@ -221,16 +190,6 @@ class Lock:
                 self._lost = True
                 return False
             return True
-
-    def report_lost(self, error: DLockError) -> None:
-        """Record the loss, log it and tell ``on_lost``; called by the watchdog."""
-        self._lost = True
-        logger.warning("lock %r (token %s) lost: %s", self.key, self.token, error)
-        if self.on_lost is not None:
-            try:
-                self.on_lost(self, error)
-            except Exception:
-                logger.exception("on_lost callback for lock %r raised", self.key)
 
     def do_release(self, wait: bool) -> bool:
         """The I/O of a release, once the local state says it is due; subclasses may hand on."""

@@ -33,7 +33,7 @@ from .addresses import resolve
 from .dialer import Dialer
 from .resp import pack
 
-__all__ = ["NO_REPLY", "Member", "Node", "Reply", "execute"]
+__all__ = ["NO_REPLY", "Member", "Node", "Reply", "execute", "lock_connection_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,16 +159,7 @@ class Node:
         )
         pool = address.pool
         kwargs = dict(pool.connection_kwargs)
-        kwargs.update(
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_error=[],
-            retry_on_timeout=False,
-            decode_responses=False,
-            health_check_interval=0,
-            protocol=2,
-        )
+        kwargs.update(lock_connection_settings(socket_timeout), retry=Retry(NoBackoff(), 0))
         # Cluster maintenance hooks (redis-py 7+) need RESP3 and rewrite timeouts.
         for name in _MAINTENANCE_KWARGS:
             kwargs.pop(name, None)
@@ -400,6 +391,22 @@ class Node:
             self._suspect = True
             self._back_off()
         logger.debug("node %s failed: %r", self.name, exc)
+
+
+def lock_connection_settings(socket_timeout: float) -> dict[str, Any]:
+    """What a lock's connection overrides in the caller's settings: small timeouts, no retries, RESP2, bytes.
+
+    The caller adds a ``retry`` of no attempts of its own redis-py flavour (sync or asyncio).
+    """
+    return {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "retry_on_error": [],
+        "retry_on_timeout": False,
+        "decode_responses": False,
+        "health_check_interval": 0,
+        "protocol": 2,
+    }
 
 
 def _reconnectable(link: _Link, exc: BaseException) -> bool:

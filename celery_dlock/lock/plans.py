@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from . import scripts
 from .errors import LockBusy, LockLost, LockUnavailable
@@ -36,7 +36,7 @@ from .script import Granted, Held
 from .tokens import token_floor
 from .waiting import Retries
 
-__all__ = ["DRIFT_FLOOR", "Fan", "Listen", "Pause", "Plan", "Rules", "is_granted", "new_owner"]
+__all__ = ["DRIFT_FLOOR", "Done", "Fan", "Listen", "Pause", "Plan", "Rules", "advance", "is_granted", "new_owner"]
 
 T = TypeVar("T")
 
@@ -77,6 +77,24 @@ class Pause:
 
 #: What a plan yields, is sent back, and returns.
 Plan = Generator[Fan | Listen | Pause, Any, T]
+
+
+@dataclass(frozen=True)
+class Done(Generic[T]):
+    """A plan's outcome, once it has no more requests."""
+
+    value: T
+
+
+def advance(plan: Plan[T], answer: Any) -> Fan | Listen | Pause | Done[T]:
+    """Send ``answer`` (``None`` to start) to ``plan``: its next request, or :class:`Done` with its outcome.
+
+    A plan's error is raised from here.
+    """
+    try:
+        return plan.send(answer)
+    except StopIteration as stop:
+        return Done(stop.value)
 
 
 def new_owner(prefix: str = "") -> str:

@@ -39,13 +39,12 @@ from .resend import Resender
 from .resp import pack
 from .schemes import Scheme
 from .validation import (
-    check_acquire_options,
+    check_acquire,
     check_int,
     check_key,
     check_manager_options,
     check_number,
     check_text,
-    check_ttl,
 )
 from .waiting import Retries
 from .watchdog import Watchdog, default_watchdog
@@ -236,11 +235,7 @@ class Redlock:
         Raises :class:`LockBusy` if the key stayed held, and
         :class:`LockUnavailable` if a quorum could not be reached.
         """
-        check_key(key)
-        ttl = check_ttl(ttl)
-        check_acquire_options(timeout=timeout, max_hold=max_hold, on_lost=on_lost, label=label)
-        check_text("owner_prefix", owner_prefix)
-        check_int("limit", limit, minimum=1)
+        ttl = check_acquire(key, ttl, timeout, max_hold, on_lost, label, owner_prefix, limit)
         if count_as is not None:
             check_text("count_as", count_as)
 

@@ -16,6 +16,7 @@ __all__ = [
     "MAX_KEY_BYTES",
     "MAX_TTL",
     "MIN_TTL",
+    "check_acquire",
     "check_acquire_options",
     "check_choice",
     "check_int",
@@ -136,3 +137,22 @@ def check_manager_options(
     check_number("socket_timeout", socket_timeout, minimum=0, exclusive=True)
     check_number("extend_every", extend_every, minimum=0, exclusive=True, below=1)
     check_text("key_prefix", key_prefix)
+
+
+def check_acquire(
+    key: object,
+    ttl: object,
+    timeout: object,
+    max_hold: object,
+    on_lost: object,
+    label: object,
+    owner_prefix: object,
+    limit: object,
+) -> float:
+    """Check an acquire's arguments (sync or async), naming the one that is wrong; returns the ttl as a float."""
+    check_key(key)
+    seconds = check_ttl(ttl)
+    check_acquire_options(timeout=timeout, max_hold=max_hold, on_lost=on_lost, label=label)
+    check_text("owner_prefix", owner_prefix)
+    check_int("limit", limit, minimum=1)
+    return seconds
