@@ -79,6 +79,29 @@ def test_a_limit_of_three_runs_three_at_once_and_never_more(shared: Stack) -> No
     assert Redlock(shared.lock_urls).permit_holders(key) == []
 
 
+def test_kill_9_of_a_pool_process_frees_its_permit_and_no_other(shared: Stack) -> None:
+    worker = shared.workers[0]
+    key = new_key("permit-kill9")
+    redlock = Redlock(shared.lock_urls)
+    held = [shared.send("wa.permit_hold", key, 3600) for _ in range(2)]
+    runs = [shared.wait_run(r.id)[0] for r in held]
+    wait_until(lambda: len(redlock.permit_holders(key)) == 2, 10, message="two permits held")
+
+    killed_at = time.monotonic()
+    os.kill(runs[0]["pid"], signal.SIGKILL)
+    wait_until(
+        lambda: [h["label"] for h in redlock.permit_holders(key)] == [held[1].id],
+        10,
+        message=lambda: f"the dead run's permit freed: {redlock.permit_holders(key)}\n{shared.logs()}",
+    )
+    assert time.monotonic() - killed_at < 10, "the lease is 30 s: expiry cannot be what freed it"
+    assert shared.result(held[0]).state == states.FAILURE
+    assert shared.result(shared.send("wa.permit_section", key, 0.01)).state == states.SUCCESS
+    shared.app.control.revoke(held[1].id, terminate=True, signal="SIGTERM")
+    wait_until(lambda: redlock.permit_holders(key) == [], 10, message="the last permit freed")
+    wait_until(lambda: len(worker.pool_pids()) == 4, 10, message="the pool back to four processes")
+
+
 def test_two_worker_processes_share_the_queue(shared: Stack) -> None:
     first = shared.workers[0]
     second = shared.worker(concurrency=4)
