@@ -260,7 +260,7 @@ def test_bad_setting_is_named(name: str, value: Any) -> None:
 
 
 def test_a_default_limit_refuses_the_handoff_queue_naming_both_settings() -> None:
-    with pytest.raises(ConfigurationError, match="dlock_default_limit .3. cannot be combined with dlock_on_busy"):
+    with pytest.raises(ConfigurationError, match=r"dlock_default_limit \(3\) cannot be combined with dlock_on_busy"):
         Settings.from_app(app_with(dlock_default_limit=3, dlock_on_busy="queue"))
     with pytest.raises(ConfigurationError, match="dlock_default_limit"):
         Settings.from_app(app_with(dlock_default_limit=0))
