@@ -70,12 +70,18 @@ class LockBusy(DLockError):
         holder: Mapping[str, Any] | None = None,
         retry_after: float | None = None,
         detail: str | None = None,
+        limit: int = 1,
     ) -> _Busy:
-        """The error for ``key``, with a message naming the holder."""
-        who = f" by {_describe_holder(holder)}" if holder else ""
+        """The error for ``key``, with a message naming the holder (the first of ``limit``, for a semaphore)."""
         detail = detail or f"gave up after {attempts} attempt(s)"
+        if limit > 1:
+            who = f", the first by {_describe_holder(holder)}" if holder else ""
+            message = f"all {limit} permits of {key!r} are held{who} ({detail})"
+        else:
+            who = f" by {_describe_holder(holder)}" if holder else ""
+            message = f"lock {key!r} is held{who} ({detail})"
         return cls(
-            f"lock {key!r} is held{who} ({detail})",
+            message,
             key=key,
             attempts=attempts,
             holder=holder,

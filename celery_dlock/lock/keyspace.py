@@ -102,6 +102,17 @@ class Keyspace:
         """The lock hash of ``key``: ``owner``, ``token`` and ``meta``, expiring with the lease."""
         return f"{self.prefix}lock:{self._tagged(key)}"
 
+    def permits(self, key: str) -> str:
+        """The sorted set of ``key``'s semaphore permits: each owner, scored by its expiry (ms, server clock).
+
+        It expires with its last permit; see :meth:`permit_holders`.
+        """
+        return f"{self.prefix}permits:{self._tagged(key)}"
+
+    def permit_holders(self, key: str) -> str:
+        """The hash from each permit owner of ``key`` to ``<token>|<meta>``, trimmed with :meth:`permits`."""
+        return f"{self.prefix}holders:{self._tagged(key)}"
+
     def released(self, key: str) -> str:
         """The pub/sub channel on which a release of ``key`` wakes its waiters."""
         return f"{self.prefix}released:{key}"

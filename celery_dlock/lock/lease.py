@@ -31,11 +31,11 @@ LostCallback = Callable[["Lock", DLockError], None]
 class LeaseManager(Protocol):
     """What a :class:`Lock` needs of the lock manager that granted it."""
 
-    def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "") -> float:
+    def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "", limit: int = 1) -> float:
         """Renew ``owner``'s lease on a quorum, repairing nodes that lost it; returns when it stops being valid."""
         ...
 
-    def release_lease(self, key: str, owner: str, *, wait: bool = True) -> bool:
+    def release_lease(self, key: str, owner: str, *, wait: bool = True, limit: int = 1) -> bool:
         """Delete the lock wherever ``owner`` holds it; True if a quorum confirmed."""
         ...
 
@@ -68,6 +68,7 @@ class Lock:
         count_as: str | None = None,
         watchdog: Watchdog | None = None,
         meta: str = "",
+        limit: int = 1,
     ) -> None:
         #: The key as the caller gave it, without the prefix.
         self.key = key
@@ -75,6 +76,8 @@ class Lock:
         self.token = token
         #: The lease in seconds, renewed in full by each extension.
         self.ttl = ttl
+        #: How many holders the key admits: 1 for a lock, more for a semaphore's permit.
+        self.limit = limit
         #: The caller's label (a Celery task id, say), stored in the metadata.
         self.label = label
         #: Called from the watchdog thread if an auto-extended lock is lost.
@@ -169,7 +172,9 @@ class Lock:
             if self.lost:
                 raise LockLost(f"lock {self.key!r} lapsed before it was extended", key=self.key)
             ttl = self.ttl if ttl is None else check_ttl(ttl)
-            valid_until = self._manager.renew_lease(self.key, self._owner, ttl, token=self.token, meta=self._meta)
+            valid_until = self._manager.renew_lease(
+                self.key, self._owner, ttl, token=self.token, meta=self._meta, limit=self.limit
+            )
             fault_point("mid-extend")  # the nodes renewed; this process has not yet seen it
             self._valid_until = valid_until
             self.ttl = ttl
@@ -209,7 +214,9 @@ class Lock:
                 return False
             self._released = True
             try:
-                self._manager.renew_lease(self.key, self._owner, seconds, token=self.token, meta=self._meta)
+                self._manager.renew_lease(
+                    self.key, self._owner, seconds, token=self.token, meta=self._meta, limit=self.limit
+                )
             except DLockError:
                 self._lost = True
                 return False
@@ -227,7 +234,7 @@ class Lock:
 
     def do_release(self, wait: bool) -> bool:
         """The I/O of a release, once the local state says it is due; subclasses may hand on."""
-        return self._manager.release_lease(self.key, self._owner, wait=wait)
+        return self._manager.release_lease(self.key, self._owner, wait=wait, limit=self.limit)
 
     def _end(self, *, wait: bool) -> bool:
         with self._mutex:

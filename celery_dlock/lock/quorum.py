@@ -12,7 +12,18 @@ from collections.abc import Callable, Sequence
 from .fanout import fan_out
 from .nodes import NO_REPLY, Member, Reply
 
-__all__ = ["Quorum", "decided"]
+__all__ = ["Quorum", "decided", "quorum_size"]
+
+
+def quorum_size(nodes: int, limit: int = 1) -> int:
+    """How many of ``nodes`` must grant one of ``limit`` permits: ``⌊nodes·limit/(limit+1)⌋ + 1``.
+
+    Each node grants at most ``limit`` permits, so ``limit + 1`` holders of
+    this many nodes each would need more grants than the nodes can give.
+    For ``limit=1`` it is a strict majority.  The derivation is in
+    ``docs/guarantees.md``.
+    """
+    return nodes * limit // (limit + 1) + 1
 
 
 def decided(replies: Sequence[Reply], yes: Callable[[Reply], bool], quorum: int, total: int) -> bool:
@@ -23,12 +34,15 @@ def decided(replies: Sequence[Reply], yes: Callable[[Reply], bool], quorum: int,
 
 
 class Quorum:
-    """Independent nodes of which a strict majority must agree."""
+    """Independent nodes of which enough must agree: a strict majority, or more for a semaphore.
 
-    def __init__(self, nodes: Sequence[Member], *, socket_timeout: float) -> None:
+    ``limit`` is how many holders the key admits (see :func:`quorum_size`).
+    """
+
+    def __init__(self, nodes: Sequence[Member], *, socket_timeout: float, limit: int = 1) -> None:
         self.nodes = list(nodes)
-        #: How many nodes must agree: a strict majority.
-        self.size = len(self.nodes) // 2 + 1
+        #: How many nodes must agree.
+        self.size = quorum_size(len(self.nodes), limit)
         self.socket_timeout = socket_timeout
 
     def broadcast(self, command: bytes, *, granted: Callable[[Reply], bool]) -> list[Reply]:

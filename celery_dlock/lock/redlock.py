@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Final
 
 import redis
 
-from . import queue_scripts, scripts
+from . import permit_scripts, queue_scripts, scripts
 from .cluster import ClusterNode, member
 from .counters import Tally, parse_counts
 from .errors import LockBusy, LockLost, LockUnavailable
@@ -35,9 +35,10 @@ from .keyspace import DEFAULT_PREFIX, Keyspace
 from .lease import Lock, LostCallback
 from .metadata import holder_metadata, parse_metadata, quorum_holder
 from .nodes import Member, Reply
-from .quorum import Quorum
+from .quorum import Quorum, quorum_size
 from .resend import Resender
 from .resp import pack
+from .schemes import Scheme
 from .script import Granted, Held
 from .tokens import token_floor
 from .validation import check_acquire_options, check_int, check_key, check_number, check_text, check_ttl
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 _DRIFT_FLOOR: Final = 0.002
 
 #: The Lua sources every node connection loads when it connects.
-_PRELOAD: Final = tuple(script.source for script in (*scripts.ALL, *queue_scripts.ALL))
+_PRELOAD: Final = tuple(script.source for script in (*scripts.ALL, *permit_scripts.ALL, *queue_scripts.ALL))
 
 
 class Redlock:
@@ -138,7 +139,7 @@ class Redlock:
                 raise ValueError(f"nodes: {node.name} is given twice; Redlock needs independent masters")
             seen[node.identity] = node
         self._quorum = Quorum(self.nodes, socket_timeout=socket_timeout)
-        #: How many nodes must agree: a strict majority.
+        #: How many nodes must agree on a lock: a strict majority (semaphores need more: :meth:`quorum_for`).
         self.quorum = self._quorum.size
         self.retry_count = retry_count
         self.retry_delay = retry_delay
@@ -159,9 +160,22 @@ class Redlock:
             schedule=later,
         )
         self._resender = Resender(self._quorum, later)
+        self._schemes: dict[int, Scheme] = {1: Scheme(self.keyspace, 1, self._quorum)}
 
     def __repr__(self) -> str:
         return f"<Redlock {len(self.nodes)} node(s), quorum {self.quorum}>"
+
+    def quorum_for(self, limit: int) -> int:
+        """How many nodes must grant one permit of a semaphore of ``limit``: ``⌊N·limit/(limit+1)⌋ + 1``."""
+        return quorum_size(len(self.nodes), check_int("limit", limit, minimum=1))
+
+    def scheme(self, limit: int = 1) -> Scheme:
+        """The scripts and quorum of keys admitting ``limit`` holders (made once per limit)."""
+        found = self._schemes.get(limit)
+        if found is None:
+            quorum = Quorum(self.nodes, socket_timeout=self.socket_timeout, limit=limit)
+            found = self._schemes[limit] = Scheme(self.keyspace, limit, quorum)
+        return found
 
     @property
     def watchdog(self) -> Watchdog:
@@ -184,8 +198,9 @@ class Redlock:
         owner_prefix: str = "",
         count_as: str | None = None,
         details: Mapping[str, Any] | None = None,
+        limit: int = 1,
     ) -> Lock:
-        """Take the lock on ``key`` for a lease of ``ttl`` seconds.
+        """Take the lock on ``key`` for a lease of ``ttl`` seconds, or one of its ``limit`` permits.
 
         With ``blocking=False`` one attempt is made.  Otherwise it waits,
         woken early by the holder's release: until ``timeout`` seconds have
@@ -201,6 +216,12 @@ class Redlock:
         releases under that label, inside the lock scripts (see :meth:`stats`).
         ``details`` adds JSON-serialisable fields to the stored metadata.
 
+        With ``limit=N`` the key is a semaphore: up to N holders at once,
+        each with its own permit, owner value and fencing token, renewed and
+        released like a lock.  A permit needs ``quorum_for(N)`` nodes, more
+        than a majority once N > 1 (``docs/guarantees.md``).  Use one limit
+        per key: a plain lock on the key blocks its permits, not the reverse.
+
         Raises :class:`LockBusy` if the key stayed held, and
         :class:`LockUnavailable` if a quorum could not be reached.
         """
@@ -208,6 +229,7 @@ class Redlock:
         ttl = check_ttl(ttl)
         check_acquire_options(timeout=timeout, max_hold=max_hold, on_lost=on_lost, label=label)
         check_text("owner_prefix", owner_prefix)
+        check_int("limit", limit, minimum=1)
         if count_as is not None:
             check_text("count_as", count_as)
 
@@ -215,7 +237,7 @@ class Redlock:
         meta = holder_metadata(label, details)
         retries = Retries(self.retry_count, self.retry_delay, self.retry_jitter, timeout=timeout, blocking=blocking)
         token, valid_until = retries.run(
-            lambda attempts: self.attempt(key, owner, ttl, meta, attempts, count_as),
+            lambda attempts: self.attempt(key, owner, ttl, meta, attempts, count_as, limit=limit),
             lambda: ReleaseWaiter.subscribe(self.nodes, self.keyspace.released(key)),
         )
         watchdog = self.watchdog if auto_extend else None
@@ -232,6 +254,7 @@ class Redlock:
             count_as=count_as,
             watchdog=watchdog,
             meta=meta,
+            limit=limit,
         )
         if watchdog is not None:
             watchdog.watch(lock, self.extend_every)
@@ -252,6 +275,7 @@ class Redlock:
         on_lost: LostCallback | None = None,
         max_hold: float | None = None,
         label: str | None = None,
+        limit: int = 1,
     ) -> Iterator[Lock]:
         """Hold the lock on ``key`` for the ``with`` block, then release it.
 
@@ -267,14 +291,15 @@ class Redlock:
             on_lost=on_lost,
             max_hold=max_hold,
             label=label,
+            limit=limit,
         )
         try:
             yield held
         finally:
             held.release()
 
-    def release_owner(self, key: str, owner_prefix: str) -> bool:
-        """Release ``key`` if its owner value starts with ``owner_prefix``.
+    def release_owner(self, key: str, owner_prefix: str, *, limit: int = 1) -> bool:
+        """Release ``key`` (its permits, for a ``limit`` above 1) if its owner value starts with ``owner_prefix``.
 
         For supervisors: a process that started a holder with a known
         ``owner_prefix`` frees the lock once that holder is known to be dead,
@@ -283,8 +308,9 @@ class Redlock:
         check_key(key)
         if not isinstance(owner_prefix, str) or not owner_prefix:
             raise ValueError("owner_prefix: must be a non-empty str")
-        command = scripts.release_prefix_call(self.keyspace, key, prefix=owner_prefix)
-        return self._quorum.agreeing(self._quorum.broadcast(command, granted=scripts.done), scripts.done)
+        quorum = self.scheme(limit).quorum
+        command = self.scheme(limit).release_prefix(key, prefix=owner_prefix)
+        return quorum.agreeing(quorum.broadcast(command, granted=scripts.done), scripts.done)
 
     def force_release(self, key: str) -> dict[str, Any] | None:
         """Delete ``key``'s lock whoever holds it; returns the holder it had.
@@ -308,6 +334,17 @@ class Redlock:
         """
         check_key(key)
         return quorum_holder(self._quorum.read_all(pack("HGETALL", self.keyspace.lock(key))), self.quorum)
+
+    def permit_holders(self, key: str) -> list[dict[str, Any]]:
+        """The holders of ``key``'s semaphore permits found on a majority of nodes, oldest first.
+
+        For operators: each is the holder's metadata with its ``token`` and
+        ``ttl`` (seconds left on the node that has the least).  Like
+        :meth:`holder`, it reads every node and takes nothing.
+        """
+        check_key(key)
+        replies = self._quorum.read_all(permit_scripts.list_permits_call(self.keyspace, key))
+        return permit_scripts.quorum_permits(replies, self.quorum)
 
     def count(self, label: str, event: str, amount: int = 1) -> None:
         """Add to the counter ``<label>:<event>``, written to every node at most ``flush_every`` s later."""
@@ -341,8 +378,8 @@ class Redlock:
         """When a lease of ``ttl`` granted after ``started`` stops being safe to rely on (monotonic)."""
         return started + ttl - (ttl * self.drift_factor + _DRIFT_FLOOR)
 
-    def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "") -> float:
-        """Renew ``owner``'s lease on a quorum; returns the new end of its validity.
+    def renew_lease(self, key: str, owner: str, ttl: float, *, token: int = 0, meta: str = "", limit: int = 1) -> float:
+        """Renew ``owner``'s lease (its permit, for a ``limit`` above 1) on a quorum; returns its new end.
 
         Nodes found without the lock (restarted empty, say) get it back, with
         ``token`` and ``meta`` and only the validity left, once a quorum has
@@ -350,38 +387,39 @@ class Redlock:
         it for ``owner``, and :class:`LockUnavailable` when too few answered.
         """
         started = time.monotonic()
-        command = scripts.extend_call(self.keyspace, key, owner=owner, lease_ms=math.ceil(ttl * 1000))
-        replies = self._quorum.read_all(command)  # every reply: the nodes that lost it are repaired
+        scheme = self.scheme(limit)
+        quorum = scheme.quorum
+        replies = quorum.read_all(scheme.extend(key, owner=owner, lease_ms=math.ceil(ttl * 1000)))
         valid_until = self.lease_end(started, ttl)
         left_ms = math.floor((valid_until - time.monotonic()) * 1000)
-        if self._quorum.agreeing(replies, scripts.done) and left_ms > 0:
+        if quorum.agreeing(replies, scripts.done) and left_ms > 0:
             lost = [node for node, reply in zip(self.nodes, replies, strict=True) if scripts.missing(reply)]
             if lost:
-                repair = scripts.repair_call(self.keyspace, key, owner=owner, token=token, meta=meta, lease_ms=left_ms)
-                self._quorum.send_all(repair, lost)
+                quorum.send_all(scheme.repair(key, owner=owner, token=token, meta=meta, lease_ms=left_ms), lost)
             return valid_until
-        if sum(1 for r in replies if scripts.refused(r) or scripts.missing(r)) > len(self.nodes) - self.quorum:
+        if sum(1 for r in replies if scripts.refused(r) or scripts.missing(r)) > len(self.nodes) - quorum.size:
             raise LockLost(f"lock {key!r} is no longer ours on a quorum of nodes", key=key)
         raise LockUnavailable.for_key(
             key, attempts=1, errors=self._quorum.errors(replies), reason="could not extend on a quorum"
         )
 
-    def release_lease(self, key: str, owner: str, *, wait: bool = True, notify: bool = True) -> bool:
+    def release_lease(self, key: str, owner: str, *, wait: bool = True, notify: bool = True, limit: int = 1) -> bool:
         """Delete the lock wherever ``owner`` still holds it.
 
         Returns True when a quorum confirmed.  With ``wait=False`` it sends
         to every node and returns False at once: the replies are skipped on
         the next call.  ``notify=False`` wakes no waiter: for cleaning up a
         failed attempt, which a waiter would otherwise take for a release and
-        retry at once, again and again.
+        retry at once, again and again.  ``limit`` is the key's, as acquired.
         """
-        command = scripts.release_call(self.keyspace, key, owner=owner, notify=notify)
+        quorum = self.scheme(limit).quorum
+        command = self.scheme(limit).release(key, owner=owner, notify=notify)
         if not wait:
-            self._resender.resend_unreached(command, self.nodes, self._quorum.send_all(command))
+            self._resender.resend_unreached(command, self.nodes, quorum.send_all(command))
             return False
-        replies = self._quorum.broadcast(command, granted=scripts.done)
+        replies = quorum.broadcast(command, granted=scripts.done)
         self._resender.resend_unreached(command, self.nodes, replies)
-        if self._quorum.agreeing(replies, scripts.done):
+        if quorum.agreeing(replies, scripts.done):
             return True
         errors = self._quorum.errors(replies)
         if errors:
@@ -391,23 +429,32 @@ class Redlock:
     # -- one attempt -----------------------------------------------------------
 
     def attempt(
-        self, key: str, owner: str, ttl: float, meta: str, attempt: int, count_as: str | None = None
+        self,
+        key: str,
+        owner: str,
+        ttl: float,
+        meta: str,
+        attempt: int,
+        count_as: str | None = None,
+        *,
+        limit: int = 1,
     ) -> tuple[int, float] | LockBusy | LockUnavailable:
         """Try once for ``owner``.  Returns ``(token, valid_until)`` or the error to raise.
 
         The low-level step of :meth:`acquire`, which checks the arguments;
-        ``meta`` is the holder metadata, ``attempt`` the attempt's number.
+        ``meta`` is the holder metadata, ``attempt`` the attempt's number,
+        ``limit`` the number of holders the key admits.
         """
         started = time.monotonic()
-        lease_ms = math.ceil(ttl * 1000)
-        command = scripts.acquire_call(
-            self.keyspace, key, owner=owner, lease_ms=lease_ms, meta=meta, floor=token_floor()
-        )
-        replies = self._quorum.broadcast(command, granted=_is_granted)
+        scheme = self.scheme(limit)
+        quorum = scheme.quorum
+        command = scheme.acquire(key, owner=owner, lease_ms=math.ceil(ttl * 1000), meta=meta, floor=token_floor())
+        replies = quorum.broadcast(command, granted=_is_granted)
         outcomes = [scripts.parse_acquire(reply) for reply in replies]
         tokens = {i: o.token for i, o in enumerate(outcomes) if isinstance(o, Granted)}
+        undo = scheme.release(key, owner=owner, notify=False)
 
-        if len(tokens) >= self.quorum:
+        if len(tokens) >= quorum.size:
             token = max(tokens.values())
             if self._fence(key, token, tokens):
                 valid_until = self.lease_end(started, ttl)
@@ -416,29 +463,25 @@ class Redlock:
                 reason = "the lease ran out while acquiring"
             else:
                 reason = "the fencing token could not be stored on a quorum"
-            self._quorum.send_all(self._undo(key, owner))
+            quorum.send_all(undo)
             return LockUnavailable.for_key(key, attempts=attempt, errors=self._quorum.errors(replies), reason=reason)
 
         busy = [o for o in outcomes if isinstance(o, Held)]
         maybe_ours = [node for node, o in zip(self.nodes, outcomes, strict=True) if not isinstance(o, Held)]
         if maybe_ours:
-            self._quorum.send_all(self._undo(key, owner), maybe_ours)
-        if len(tokens) + len(busy) < self.quorum:
+            # Never resent later: the next attempt reuses the owner, and a late
+            # undo would delete what it took.  Sent on the connection the next
+            # attempt uses, it always runs before it.
+            quorum.send_all(undo, maybe_ours)
+        # Busy when holders alone leave too few nodes to grant, or holders and
+        # grants together were a quorum; the read stops as soon as that is known.
+        if len(busy) <= len(self.nodes) - quorum.size and len(tokens) + len(busy) < quorum.size:
             return LockUnavailable.for_key(key, attempts=attempt, errors=self._quorum.errors(replies))
         if count_as:
             self.count(count_as, "busy")
         holder = next((parse_metadata(o.meta) for o in busy if o.meta), None)
         retry_after = max(o.pttl_ms for o in busy) / 1000 if busy else None
-        return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after)
-
-    def _undo(self, key: str, owner: str) -> bytes:
-        """The release that undoes a failed attempt wherever it took the key, waking no waiter.
-
-        Never resent later: the next attempt reuses the owner, and a late undo
-        would delete the lock that attempt took.  Sent on the connection the
-        next attempt uses, it is always run before it.
-        """
-        return scripts.release_call(self.keyspace, key, owner=owner, notify=False)
+        return LockBusy.for_key(key, attempts=attempt, holder=holder, retry_after=retry_after, limit=limit)
 
     def _fence(self, key: str, token: int, tokens: dict[int, int]) -> bool:
         """Make sure a quorum's counters are at least ``token``.

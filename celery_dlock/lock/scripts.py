@@ -181,13 +181,14 @@ def release_call(space: Keyspace, key: str, *, owner: str, notify: bool) -> byte
     return RELEASE.call([space.lock(key)], [owner, channel])
 
 
-#: Delete the lock whoever holds it, waking waiters: 1 if there was one.
+#: Delete the lock, or a semaphore's permits, whoever holds them, waking
+#: waiters: 1 if there was one.
 FORCE_RELEASE: Final = Script(
     "force_release",
-    keys=("lock",),
+    keys=("lock", "permits", "holders"),
     args=("channel",),
     body="""
-if redis.call('DEL', lock) == 1 then
+if redis.call('DEL', lock, permits, holders) > 0 then
     redis.call('PUBLISH', channel, '')
     return 1
 end
@@ -198,7 +199,8 @@ return 0
 
 def force_release_call(space: Keyspace, key: str) -> bytes:
     """Pack :data:`FORCE_RELEASE`."""
-    return FORCE_RELEASE.call([space.lock(key)], [space.released(key)])
+    keys = [space.lock(key), space.permits(key), space.permit_holders(key)]
+    return FORCE_RELEASE.call(keys, [space.released(key)])
 
 
 #: Delete the lock if its owner value starts with ``prefix``: 1, else 0.

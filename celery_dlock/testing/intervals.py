@@ -4,7 +4,7 @@ A run is anything with a ``key``, a fencing ``token`` (``None`` when it held
 no lock) and ``start``/``end`` times on one clock, such as the
 :class:`~celery_dlock.testing.plugin.Run` records of ``dlock_runs``.
 ``time.monotonic_ns()`` is one clock for every process of a machine, so runs
-recorded by different processes compare exactly.  These two functions are the
+recorded by different processes compare exactly.  These functions are the
 one overlap checker of the testing helpers: :class:`~celery_dlock.testing.plugin.RunRecorder`
 asserts with them, and a test suite that records runs its own way can too.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
-__all__ = ["Interval", "by_key", "falling_tokens", "overlaps"]
+__all__ = ["Interval", "by_key", "falling_tokens", "most_at_once", "overlaps"]
 
 
 class Interval(Protocol):
@@ -67,6 +67,24 @@ def overlaps(intervals: Iterable[R]) -> list[tuple[R, R]]:
             if latest is None or interval.end > latest.end:
                 latest = interval
     return found
+
+
+def most_at_once(intervals: Iterable[R]) -> dict[str, int]:
+    """For each key, the most intervals that were open at one instant: at most ``limit`` for a semaphore.
+
+    An interval that ends exactly when another starts does not count as
+    open at once with it.
+    """
+    most = {}
+    for key, group in by_key(intervals).items():
+        # Ends sort before starts at the same instant: (time, 0) for an end.
+        edges = sorted([(i.start, 1) for i in group] + [(i.end, 0) for i in group])
+        open_now = peak = 0
+        for _, starts in edges:
+            open_now += 1 if starts else -1
+            peak = max(peak, open_now)
+        most[key] = peak
+    return most
 
 
 def falling_tokens(intervals: Iterable[R]) -> list[tuple[R | None, R]]:

@@ -36,6 +36,7 @@ class FaultStats:
         self.unfenced: dict[str, dict[str, int]] = {}
         self.token_inversions: dict[str, int] = {}
         self.liveness: list[float] = []
+        self.most_at_once: dict[str, dict[str, int]] = {}
         self.scenarios = 0
 
     def add(self, scenario: Scenario) -> None:
@@ -56,6 +57,11 @@ class FaultStats:
             label = ", ".join(sorted(scenario.labels)) or scenario.name
             self.token_inversions[label] = self.token_inversions.get(label, 0) + verdict.token_inversions
         self.liveness.extend(scenario.notes.get("liveness", []))
+        if verdict.limit > 1:
+            label = ", ".join(sorted(scenario.labels)) or scenario.name
+            seen = self.most_at_once.setdefault(label, {"limit": verdict.limit, "most": 0, "runs": 0})
+            seen["most"] = max(seen["most"], *verdict.most_at_once.values(), 0)
+            seen["runs"] += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +73,7 @@ class FaultStats:
             "violations_with_fencing": self.fenced_violations,
             "violations_without_fencing": self.unfenced,
             "token_inversions": self.token_inversions,
+            "semaphores_most_at_once": self.most_at_once,
             "liveness_seconds_max": max(self.liveness, default=None),
             "liveness_samples": len(self.liveness),
             "soak": SOAK,
@@ -133,6 +140,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             write(f"violations without fencing under [{label}]: {counts}")
     else:
         write("violations without fencing: 0")
+    for label, seen in data["semaphores_most_at_once"].items():
+        write(f"semaphore under [{label}]: most holders at once {seen['most']} of limit {seen['limit']}")
     for label, count in data["token_inversions"].items():
         write(f"token inversions under [{label}]: {count}")
     if data["liveness_seconds_max"] is not None:

@@ -47,7 +47,7 @@ import redis
 from fault_holder import COUNTER, ENTERED, EVENTS, FENCED_LOG, SECTIONS, WRITES
 from support.critical_sections import Section
 
-from celery_dlock.testing.intervals import overlaps
+from celery_dlock.testing.intervals import most_at_once, overlaps
 
 __all__ = ["History", "Verdict"]
 
@@ -64,12 +64,21 @@ class Verdict:
     token_inversions: int
     fenced_refusals: int
     events: dict[str, int]
+    #: How many holders the key admits (above 1, a semaphore).
+    limit: int = 1
+    #: The most sections open at one instant, per key.
+    most_at_once: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
+    def over_limit(self) -> int:
+        """How far past its limit the busiest key went: 0 when the limit held."""
+        return max(0, max(self.most_at_once.values(), default=0) - self.limit)
+
+    @property
     def unfenced_violations(self) -> int:
-        """Overlaps plus lost updates: what a client without fencing suffers."""
-        return self.overlaps + self.lost_updates
+        """What a client without fencing suffers: overlaps and lost updates; for a semaphore, holders past its limit."""
+        return self.overlaps + self.lost_updates if self.limit == 1 else self.over_limit
 
     @property
     def fenced_violations(self) -> int:
@@ -82,7 +91,7 @@ class Verdict:
             f"{self.sections} sections ({self.entered} entered), overlaps={self.overlaps}, "
             f"lost updates={self.lost_updates}, fenced violations={self.fenced}, "
             f"token inversions={self.token_inversions}, fenced refusals={self.fenced_refusals}, "
-            f"events={self.events}"
+            f"most at once={self.most_at_once} (limit {self.limit}), events={self.events}"
         )
 
 
@@ -187,9 +196,13 @@ class History:
                 latest_request = max(latest_request, entry["requested"])
         return counts, examples
 
-    def verdict(self) -> Verdict:
-        """Run every check."""
-        fenced, examples = self.fenced_violations()
+    def verdict(self, limit: int = 1) -> Verdict:
+        """Run every check; ``limit`` is how many holders the key admits.
+
+        The fenced resource takes one writer, so with ``limit`` above 1 its
+        checks are left out: holders at once are judged by the limit instead.
+        """
+        fenced, examples = self.fenced_violations() if limit == 1 else (Counter[str](), {})
         pairs = self.overlapping_pairs()
         inversions = self.token_inversions()
         if pairs:
@@ -206,6 +219,8 @@ class History:
             token_inversions=len(inversions),
             fenced_refusals=sum(1 for op in self.fenced_log if not op["ok"]),
             events=dict(Counter(e["kind"] for e in self.events)),
+            limit=limit,
+            most_at_once=most_at_once(self.as_sections()),
             examples=examples,
         )  # fmt: skip
 

@@ -381,11 +381,14 @@ class Scenario:
             self._verdict = None
         return self._history
 
-    def verdict(self, *labels: str) -> Verdict:
-        """Check the history; ``labels`` name the faults this run is about, for the summary."""
+    def verdict(self, *labels: str, limit: int = 1) -> Verdict:
+        """Check the history; ``labels`` name the faults this run is about, for the summary.
+
+        ``limit`` is how many holders the key admits (see :meth:`History.verdict`).
+        """
         self.labels.update(labels)
         if self._verdict is None:
-            self._verdict = self.history(reload=True).verdict()
+            self._verdict = self.history(reload=True).verdict(limit)
         self._count()
         return self._verdict
 

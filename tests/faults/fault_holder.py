@@ -152,6 +152,8 @@ class HolderSpec:
     gate: bool = False
     gate_timeout: float = 30.0
     seed: int = 0
+    #: How many holders the key admits: above 1, a semaphore's permits.
+    limit: int = 1
     redlock_options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -203,7 +205,9 @@ def run_section(holder: Holder, n: int) -> dict[str, Any] | None:
     spec = holder.spec
     requested = time.monotonic_ns()
     try:
-        lock = holder.redlock.acquire(spec.key, spec.ttl, timeout=spec.acquire_timeout, auto_extend=spec.auto_extend)
+        lock = holder.redlock.acquire(
+            spec.key, spec.ttl, timeout=spec.acquire_timeout, auto_extend=spec.auto_extend, limit=spec.limit
+        )
     except LockBusy as busy:
         holder.event("busy", requested=requested, attempts=busy.attempts)
         return None
