@@ -153,7 +153,6 @@ class Redlock:
         self._watchdog = watchdog
         # The watchdog is looked up at each call: after a fork it is a new one.
         later = lambda delay, job: self.watchdog.call_later(delay, job)  # noqa: E731, PLW0108
-        #: This process's pending counts (:meth:`count` adds to them; so does the metrics' ``add_later``).
         self.tally = Tally(
             lambda counts: self._quorum.send_all(scripts.add_counts_call(self.keyspace, counts)),
             flush_every=flush_every,
