@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import workers
 from .harness import Schedule, Variant, run_interleaved
+from .metrics_cost import metrics_cost_ns, summary
 from .optional import skipped_note
 from .scenario import RunOptions, Scenario, ScenarioResult, Table, build_result
 from .stats import Ratio, Target
@@ -31,18 +32,22 @@ class Size:
         schedule: Rounds; each round drains once per variant and concurrency.
         messages: Messages per drain.
         concurrencies: The worker pool sizes measured.
+        probe: Rounds and runs per round of the in-process metrics cost
+            (:mod:`benchmarks.metrics_cost`).
 
     """
 
     schedule: Schedule
     messages: int
     concurrencies: tuple[int, ...]
+    probe: tuple[int, int]
 
 
 #: About four minutes: 70 worker runs of 3 to 4 s each.
-FULL = Size(Schedule(rounds=7, warmup=0, batch=1), messages=2000, concurrencies=(2, 4))
-#: Five worker runs of about a second.
-QUICK = Size(Schedule(rounds=1, warmup=0, batch=1), messages=200, concurrencies=(2,))
+#: The metrics probe: 41 rounds of 20 000 runs, about 15 s.
+FULL = Size(Schedule(rounds=7, warmup=0, batch=1), messages=2000, concurrencies=(2, 4), probe=(41, 20_000))
+#: Five worker runs of about a second, and a probe of about a second.
+QUICK = Size(Schedule(rounds=1, warmup=0, batch=1), messages=200, concurrencies=(2,), probe=(5, 2_000))
 
 #: Library families, in table order, with the module each needs.
 FAMILIES: Mapping[str, tuple[str, str | None]] = {
@@ -218,11 +223,14 @@ def run(options: RunOptions) -> ScenarioResult:
             for family, c in measured
         ]
         timings = run_interleaved(variants, size.schedule, options.rng())
+        costs = metrics_cost_ns(servers.urls.locks_db("ours"), rounds=size.probe[0], runs=size.probe[1])
     tables = [_table(f"### Throughput at concurrency {c}", c, families, runs) for c in size.concurrencies]
     tables.append(_cpu_table(size.concurrencies, families, runs))
     if end_to_end:
         heading = f"### End to end: publish and drain together, concurrency {first}"
         tables.append(_table(heading, first, end_to_end, runs))
+    if "ours" in families:
+        tables.append(_metrics_cost_table(size.concurrencies, runs, costs))
     notes.append(
         f"M = {size.messages} messages per drain; {size.schedule.rounds} round(s) of"
         f" {len(variants)} drains (every variant at concurrency"
@@ -276,6 +284,27 @@ def _drain_op(
         return drained.per_task_ns
 
     return op
+
+
+def _metrics_cost_table(
+    concurrencies: Sequence[int], runs: Mapping[str, list[workers.Drained]], costs: dict[bool, list[float]]
+) -> Table:
+    """The CPU ``dlock_metrics`` adds per task (in process), against ours' whole CPU per task in the drain."""
+    rows = []
+    for c in concurrencies:
+        ours = statistics.median(sum(d.cpu_ns.values()) / d.messages for d in runs[key("ours", c)])
+        rows.append([f"ours, c={c}", *summary(costs, ours)])
+    return Table(
+        f"### What dlock_metrics adds per task: CPU in process ({len(costs[True])} rounds, interleaved)",
+        [
+            "Variant",
+            "Metrics' added CPU/task, fastest rounds (µs)",
+            "Median same-round difference (µs)",
+            "Ours' CPU/task in the drain, all processes (µs)",
+            "Added ÷ ours",
+        ],
+        rows,
+    )
 
 
 def _label(family: str) -> str:
