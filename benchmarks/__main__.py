@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import asyncio_latency, contention, cpus, drain, handoff, latency, memory, plotting, reclaim, report
+from . import asyncio_latency, contention, cpus, drain, handoff, latency, memory, plotting, reclaim, report, semaphore
 from .machine import Machine, describe
 from .scenario import RunOptions, Scenario, ScenarioResult
 
@@ -37,6 +37,7 @@ SCENARIOS: dict[str, Scenario] = {
         contention.SCENARIO,
         memory.SCENARIO,
         reclaim.SCENARIO,
+        semaphore.SCENARIO,
     )
 }
 

@@ -64,7 +64,7 @@ RECLAIM_KEY: Final = "bench:reclaimed"
 RECLAIM_TTL: Final = 15.0
 
 #: Lock server databases of each library, so that none sees another's keys.
-_DB: Final = {"ours": 0, "celery-once": 1, "celery-singleton": 2, "celery-heimdall": 3}
+_DB: Final = {"ours": 0, "celery-once": 1, "celery-singleton": 2, "celery-heimdall": 3, "floor": 4}
 
 #: Requeue countdowns for the contention variants: short, as a drain of
 #: ~10 ms bodies needs (the defaults, 1 s doubling to 60 s, would idle).
@@ -162,6 +162,38 @@ def _ours(
     return define
 
 
+#: Delete a key only if it still holds the caller's token.
+_COMPARE_AND_DELETE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def _floor(app: Celery, urls: Urls) -> object:
+    """A plain task whose body takes the least correct lock itself: ``SET NX PX``, then compare-and-delete."""
+    body = _body(urls.recorder)
+    clients: dict[int, tuple[redis.Redis, str]] = {}
+
+    def locked(self: Task, n: int, hold: float = 0.0) -> None:
+        found = clients.get(os.getpid())
+        if found is None:
+            client = redis.Redis.from_url(urls.locks_db("floor"))
+            found = clients[os.getpid()] = (client, client.script_load(_COMPARE_AND_DELETE))
+        client, sha = found
+        name, token = f"bench:floor:{n}", os.urandom(16).hex()
+        if not client.set(name, token, nx=True, px=30_000):
+            raise RuntimeError(f"floor: {name} was held")
+        try:
+            body(self, n, hold)
+        finally:
+            client.evalsha(sha, 1, name, token)
+
+    locked.__qualname__ = locked.__name__ = "work"
+    return app.task(name=TASK_NAME, bind=True, shared=False)(locked)
+
+
 def _celery_once(app: Celery, urls: Urls) -> object:
     from celery_once import QueueOnce
     from celery_once.backends import redis as once_redis
@@ -210,6 +242,7 @@ def _celery_heimdall(app: Celery, urls: Urls) -> object:
 #: Every variant, by name: how it defines the task on an app.
 VARIANTS: Final[Mapping[str, Callable[[Celery, Urls], object]]] = {
     "plain": _plain,
+    "floor": _floor,
     "ours": _ours(None, None),
     "ours-metrics": _ours(None, None, metrics=True),
     "ours-history": _ours(None, None, history=100),

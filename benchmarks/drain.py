@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import workers
 from .harness import Schedule, Variant, run_interleaved
+from .metrics_cost import metrics_cost_ns, summary
 from .optional import skipped_note
 from .scenario import RunOptions, Scenario, ScenarioResult, Table, build_result
 from .stats import Ratio, Target
@@ -31,22 +32,27 @@ class Size:
         schedule: Rounds; each round drains once per variant and concurrency.
         messages: Messages per drain.
         concurrencies: The worker pool sizes measured.
+        probe: Rounds and runs per round of the in-process metrics cost
+            (:mod:`benchmarks.metrics_cost`).
 
     """
 
     schedule: Schedule
     messages: int
     concurrencies: tuple[int, ...]
+    probe: tuple[int, int]
 
 
 #: About four minutes: 70 worker runs of 3 to 4 s each.
-FULL = Size(Schedule(rounds=7, warmup=0, batch=1), messages=2000, concurrencies=(2, 4))
-#: Five worker runs of about a second.
-QUICK = Size(Schedule(rounds=1, warmup=0, batch=1), messages=200, concurrencies=(2,))
+#: The metrics probe: 41 rounds of 20 000 runs, about 15 s.
+FULL = Size(Schedule(rounds=7, warmup=0, batch=1), messages=2000, concurrencies=(2, 4), probe=(41, 20_000))
+#: Five worker runs of about a second, and a probe of about a second.
+QUICK = Size(Schedule(rounds=1, warmup=0, batch=1), messages=200, concurrencies=(2,), probe=(5, 2_000))
 
 #: Library families, in table order, with the module each needs.
 FAMILIES: Mapping[str, tuple[str, str | None]] = {
     "plain": ("plain task", None),
+    "floor": ("floor in the body: SET NX PX, then compare-and-delete (redis-py)", None),
     "ours": ("ours: @single_flight (argument hash, on_busy=requeue)", "celery_dlock"),
     "ours-metrics": ("ours + metrics: the same, dlock_metrics=True", "celery_dlock"),
     "ours-history": ("ours + history: the same, dlock_history=100", "celery_dlock"),
@@ -56,6 +62,12 @@ FAMILIES: Mapping[str, tuple[str, str | None]] = {
 }
 
 ANCHORS = ("celery-once", "celery-singleton", "celery-heimdall")
+
+#: The families also drained end to end (publishing while the worker consumes), at the first concurrency.
+END_TO_END = ("plain", "ours", *ANCHORS)
+
+#: The suffix of an end-to-end family's name.
+E2E = "+e2e"
 
 #: Ours must drain at least this share of the plain task's rate.
 PLAIN_SHARE = 0.95
@@ -80,6 +92,10 @@ machine's CPUs.  The worker logs at INFO (for its `ready` line) but the
 per-task lines are off, as at the default WARNING level.
 
 * **plain**: `@app.task(bind=True)`.
+* **floor in the body**: a plain task whose body takes the least correct
+  lock itself with redis-py: `SET key token NX PX` before, and `EVALSHA` of
+  a compare-and-delete after, 2 round trips: the physical reference for a
+  lock taken in the worker.
 * **ours**: `@single_flight` (key = hash of the arguments, `on_busy="requeue"`,
   ttl 30 s auto-extended by the watchdog) under `@app.task`: acquire and
   release in the worker, one round trip each.
@@ -104,6 +120,11 @@ same round, and the targets are judged on their median, since drains side
 by side share whatever else the machine was doing.  CPU time per task is each process's user + system time
 (`/proc/<pid>/stat`, 10 ms ticks) over the drain, divided by M; the
 anchors' publish-time locking is in the publisher, not in these columns.
+
+**End to end** (plain, ours and the anchors, at the first concurrency): the
+worker consumes the work queue from the start, and the time is from the
+first publish to the last body's end, so that the anchors' publish-time
+locks count.
 """
 
 
@@ -121,9 +142,16 @@ def ratios(concurrencies: Sequence[int]) -> list[Ratio]:
     found = []
     for c in concurrencies:
         found.append(Ratio(f"ours / plain, c={c} (tasks/s)", key("plain", c), key("ours", c)))
+        found.append(Ratio(f"ours / floor in the body, c={c} (tasks/s)", key("floor", c), key("ours", c)))
         found.append(Ratio(f"ours + metrics / ours, c={c} (tasks/s)", key("ours", c), key("ours-metrics", c)))
         found.append(Ratio(f"ours + history / ours, c={c} (tasks/s)", key("ours", c), key("ours-history", c)))
         found += [Ratio(f"ours / {anchor}, c={c} (tasks/s)", key(anchor, c), key("ours", c)) for anchor in ANCHORS]
+    c = concurrencies[0]
+    found += [
+        Ratio(f"ours / {other}, end to end, c={c} (tasks/s)", key(other + E2E, c), key("ours" + E2E, c))
+        for other in END_TO_END
+        if other != "ours"
+    ]
     return found
 
 
@@ -137,6 +165,15 @@ def targets(concurrencies: Sequence[int]) -> list[Target]:
                 f"ours + metrics within {1 - METRICS_SHARE:.0%} of ours, c={c}",
                 by_label[f"ours + metrics / ours, c={c} (tasks/s)"],
                 METRICS_SHARE,
+                "at least",
+                basis="rounds",
+            )
+        )
+        found.append(
+            Target(
+                f"ours ahead of the floor in the body, c={c}",
+                by_label[f"ours / floor in the body, c={c} (tasks/s)"],
+                1.0,
                 "at least",
                 basis="rounds",
             )
@@ -169,28 +206,31 @@ def run(options: RunOptions) -> ScenarioResult:
     notes: list[str] = []
     runs: dict[str, list[workers.Drained]] = {}
     families = _installed(notes)
+    first = size.concurrencies[0]
+    end_to_end = [family + E2E for family in END_TO_END if family in families]
+    measured = [(family, c) for c in size.concurrencies for family in families]
+    measured += [(family, first) for family in end_to_end]
     with workers.stack() as servers:
         variants = [
             Variant(
                 key(family, c),
-                f"{FAMILIES[family][0]}, c={c}",
+                f"{_label(family)}, c={c}",
                 family,
                 1,
-                _drain_op(
-                    servers,
-                    family,
-                    c,
-                    size.messages,
-                    runs.setdefault(key(family, c), []),
-                ),
+                _drain_op(servers, family, c, size.messages, runs.setdefault(key(family, c), [])),
                 self_timed=True,
             )
-            for c in size.concurrencies
-            for family in families
+            for family, c in measured
         ]
         timings = run_interleaved(variants, size.schedule, options.rng())
-    tables = [_table(c, families, runs) for c in size.concurrencies]
+        costs = metrics_cost_ns(servers.urls.locks_db("ours"), rounds=size.probe[0], runs=size.probe[1])
+    tables = [_table(f"### Throughput at concurrency {c}", c, families, runs) for c in size.concurrencies]
     tables.append(_cpu_table(size.concurrencies, families, runs))
+    if end_to_end:
+        heading = f"### End to end: publish and drain together, concurrency {first}"
+        tables.append(_table(heading, first, end_to_end, runs))
+    if "ours" in families:
+        tables.append(_metrics_cost_table(size.concurrencies, runs, costs))
     notes.append(
         f"M = {size.messages} messages per drain; {size.schedule.rounds} round(s) of"
         f" {len(variants)} drains (every variant at concurrency"
@@ -232,10 +272,12 @@ def _drain_op(
     messages: int,
     into: list[workers.Drained],
 ) -> Callable[[], int]:
-    """One drain of ``family``'s worker, kept in ``into``; returns ns per task."""
+    """One drain of ``family``'s worker, kept in ``into``; returns ns per task (end to end for a :data:`E2E` family)."""
+    variant = family.removesuffix(E2E)
+    end_to_end = variant != family
 
     def op() -> int:
-        drained = workers.drain(servers, family, messages=messages, concurrency=concurrency)
+        drained = workers.drain(servers, variant, messages=messages, concurrency=concurrency, end_to_end=end_to_end)
         if drained.messages != messages:
             raise RuntimeError(f"{family}: {drained.messages} bodies ran for {messages} messages")
         into.append(drained)
@@ -244,9 +286,36 @@ def _drain_op(
     return op
 
 
-def _table(concurrency: int, families: Sequence[str], runs: Mapping[str, list[workers.Drained]]) -> Table:
-    """Throughput per round, its median, the same-round ratio to plain, and costs."""
-    plain = runs[key("plain", concurrency)]
+def _metrics_cost_table(
+    concurrencies: Sequence[int], runs: Mapping[str, list[workers.Drained]], costs: dict[bool, list[float]]
+) -> Table:
+    """The CPU ``dlock_metrics`` adds per task (in process), against ours' whole CPU per task in the drain."""
+    rows = []
+    for c in concurrencies:
+        ours = statistics.median(sum(d.cpu_ns.values()) / d.messages for d in runs[key("ours", c)])
+        rows.append([f"ours, c={c}", *summary(costs, ours)])
+    return Table(
+        f"### What dlock_metrics adds per task: CPU in process ({len(costs[True])} rounds, interleaved)",
+        [
+            "Variant",
+            "Metrics' added CPU/task, fastest rounds (µs)",
+            "Median same-round difference (µs)",
+            "Ours' CPU/task in the drain, all processes (µs)",
+            "Added ÷ ours",
+        ],
+        rows,
+    )
+
+
+def _label(family: str) -> str:
+    """How tables name ``family``."""
+    variant = family.removesuffix(E2E)
+    return FAMILIES[variant][0] + (", end to end" if variant != family else "")
+
+
+def _table(heading: str, concurrency: int, families: Sequence[str], runs: Mapping[str, list[workers.Drained]]) -> Table:
+    """Throughput per round, its median, the same-round ratio to the first family (plain), and costs."""
+    plain = runs[key(families[0], concurrency)]
     rows = []
     for family in families:
         drained = runs[key(family, concurrency)]
@@ -254,7 +323,7 @@ def _table(concurrency: int, families: Sequence[str], runs: Mapping[str, list[wo
         to_plain = [d.tasks_per_second / p.tasks_per_second for d, p in zip(drained, plain, strict=True)]
         rows.append(
             [
-                FAMILIES[family][0],
+                _label(family),
                 " / ".join(f"{rate:.0f}" for rate in rates),
                 f"{statistics.median(rates):.0f}",
                 " / ".join(f"{ratio:.2f}" for ratio in to_plain),
@@ -264,7 +333,7 @@ def _table(concurrency: int, families: Sequence[str], runs: Mapping[str, list[wo
             ]
         )
     return Table(
-        f"### Throughput at concurrency {concurrency}",
+        heading,
         [
             "Variant",
             "Tasks/s, by round",

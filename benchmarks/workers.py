@@ -144,17 +144,20 @@ def drain(
     concurrency: int,
     hold: float = 0.0,
     timeout: float = 300.0,
+    end_to_end: bool = False,
 ) -> Drained:
     """Measure one warm worker of ``variant`` draining ``messages`` messages.
 
-    Each message's body sleeps ``hold`` seconds.  Raises if the worker dies
-    or the queue is not drained within ``timeout`` seconds.
+    Each message's body sleeps ``hold`` seconds.  By default the queue is
+    filled first and the span runs from the first body's start; with
+    ``end_to_end`` the worker consumes while the messages are published, and
+    the span runs from the first publish, so that publish-time locks count.
+    Raises if the worker dies or the queue is not drained within ``timeout`` seconds.
     """
     stack.flush()
     app, task = celery_app.build(variant, stack.urls)
-    worker = new_worker(
-        stack, variant, concurrency=concurrency, queues=[WARM_QUEUE], name=f"bench-{variant}-c{concurrency}"
-    )
+    queues = [WARM_QUEUE, WORK_QUEUE] if end_to_end else [WARM_QUEUE]
+    worker = new_worker(stack, variant, concurrency=concurrency, queues=queues, name=f"bench-{variant}-c{concurrency}")
     runs = stack.recorder
     try:
         worker.start()
@@ -165,17 +168,20 @@ def drain(
         runs.delete(RUNS)
         stack.reset_stats()
 
-        started = time.perf_counter_ns()
-        for n in range(messages):
-            task.apply_async((n, hold), queue=WORK_QUEUE)
-        fill_ns = time.perf_counter_ns() - started
-
         roles = {"worker": [worker.pid], "pool": worker.pool_pids()}
         roles.update({role: [pid] for role, pid in stack.pids.items()})
-        cpu_before = _cpu_ns(roles)
-        replies = app.control.add_consumer(WORK_QUEUE, destination=[worker.hostname], reply=True, timeout=10)
-        if not replies:
-            raise RuntimeError(f"{worker!r} did not answer add_consumer:\n{worker.log_tail()}")
+        if end_to_end:
+            cpu_before = _cpu_ns(roles)
+        published_at = time.monotonic_ns()
+        for n in range(messages):
+            task.apply_async((n, hold), queue=WORK_QUEUE)
+        fill_ns = time.monotonic_ns() - published_at
+
+        if not end_to_end:
+            cpu_before = _cpu_ns(roles)
+            replies = app.control.add_consumer(WORK_QUEUE, destination=[worker.hostname], reply=True, timeout=10)
+            if not replies:
+                raise RuntimeError(f"{worker!r} did not answer add_consumer:\n{worker.log_tail()}")
         _wait_for_runs(runs, messages, worker, timeout=timeout)
         cpu_after = _cpu_ns(roles)
         records = [line.split() for line in runs.lrange(RUNS, 0, -1)]
@@ -188,7 +194,7 @@ def drain(
     ends = [int(record[1]) for record in records]
     return Drained(
         messages=len(records),
-        span_ns=max(ends) - min(starts),
+        span_ns=max(ends) - (published_at if end_to_end else min(starts)),
         body_ns=sum(end - start for start, end in zip(starts, ends, strict=True)),
         requeues=sum(int(record[2]) for record in records),
         fill_ns=fill_ns,

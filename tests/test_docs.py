@@ -46,7 +46,7 @@ def test_every_task_option_is_documented() -> None:
         _, setting, meaning = documented[field.name]
         assert meaning
         if setting != "–":
-            own_name = "default_ttl" if field.name == "ttl" else field.name
+            own_name = f"default_{field.name}" if field.name in ("ttl", "limit") else field.name
             assert setting.strip("`") == Settings.PREFIX + own_name, field.name
         assert field.default is None or field.default is MISSING
 

@@ -7,6 +7,8 @@ release on every path.  It imports the lock core and Celery, never
 
 from __future__ import annotations
 
+# First: compat refuses a Celery older than its floor before anything else loads.
+from . import compat  # noqa: F401  # isort: skip
 from .decorators import single_flight
 from .guard import current_lock
 from .options import SingleFlightOptions

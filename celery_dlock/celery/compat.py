@@ -1,18 +1,24 @@
-"""Every use of Celery's private API, in one place, for each supported Celery.
+"""Every use of Celery's private API, in one place, and the Celery version floor.
 
 Nothing else in the package touches an underscore name of Celery's.  Each
 function here names what it reaches for, and :data:`PRIVATE_NAMES` lists
-them so that ``tests/celery/test_compat.py`` checks, on every Celery version
+them so that ``tests/test_architecture.py`` checks, on every Celery version
 CI runs, that they still exist or that the fallback here covers them.
+
+Importing this module (which ``celery_dlock.celery`` does first, so every
+Celery-facing part of the package does) refuses a Celery older than
+:data:`MINIMUM_CELERY`, or one whose version cannot be read: see
+:func:`require_supported_celery`.
 """
 
 from __future__ import annotations
 
-import logging
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
 
+import celery
 from celery import Task
 from celery._state import get_current_task
 from celery.beat import ScheduleEntry, Scheduler
@@ -20,13 +26,16 @@ from celery.local import Proxy
 from celery.schedules import BaseSchedule
 
 __all__ = [
+    "MINIMUM_CELERY",
     "PRIVATE_NAMES",
+    "UnsupportedCelery",
     "failed_entry_delay",
     "heap_time",
     "is_lazy_task",
     "next_entry",
     "on_evaluation",
     "registered_task",
+    "require_supported_celery",
     "resolve",
     "running_task",
     "schedule_app",
@@ -34,7 +43,46 @@ __all__ = [
     "stored_entries",
 ]
 
-logger = logging.getLogger(__name__)
+#: The oldest Celery the package runs on.  Before 5.7, ``AsyncResult.get()``
+#: on a result the caller has already received still waits a whole drain
+#: interval (a second) before it looks (``Drainer.drain_events_until`` in
+#: ``celery/backends/asynchronous.py``), so results of requeued tasks reach
+#: their callers about ten times late.  ``tests/test_celery_floor.py`` shows
+#: that wait on 5.6.3 and its absence here.
+MINIMUM_CELERY: Final = (5, 7)
+
+
+class UnsupportedCelery(ImportError):
+    """The installed Celery is older than :data:`MINIMUM_CELERY`, or its version cannot be read."""
+
+
+def require_supported_celery(version: str | None = None) -> None:
+    """Refuse a Celery older than :data:`MINIMUM_CELERY`, naming the version found.
+
+    ``version`` defaults to the installed Celery's ``__version__``.  A version
+    that does not start with ``MAJOR.MINOR`` is refused too: the floor is
+    checked, never assumed.
+
+    Raises:
+        UnsupportedCelery: the version is older than the floor, or unreadable.
+
+    """
+    found = celery.__version__ if version is None else version
+    match = re.match(r"(\d+)\.(\d+)", str(found))
+    floor = ".".join(map(str, MINIMUM_CELERY))
+    if match is None:
+        raise UnsupportedCelery(
+            f"celery_dlock needs Celery {floor} or newer, and cannot read the installed Celery's version ({found!r})"
+        )
+    if (int(match[1]), int(match[2])) < MINIMUM_CELERY:
+        raise UnsupportedCelery(
+            f"celery_dlock needs Celery {floor} or newer; this is Celery {found}. Before {floor}, "
+            "AsyncResult.get() on a result already received waits a whole second before it looks "
+            f"(see 'Why Celery {floor}' in the README): upgrade Celery, e.g. pip install 'celery>={floor}'"
+        )
+
+
+require_supported_celery()
 
 #: ``(owner, attribute)`` for each private name used here; ``optional`` ones
 #: have a fallback for the Celery versions that lack them.
@@ -45,7 +93,7 @@ PRIVATE_NAMES: Final = (
     ("celery.local.PromiseProxy", "__evaluated__", "required"),
     ("celery.beat.Scheduler", "_when", "required"),
     ("celery.beat.Scheduler", "_heap", "required"),
-    ("celery.beat.Scheduler", "_is_due_failed", "optional"),
+    ("celery.beat.Scheduler", "_is_due_failed", "required"),
     ("celery.beat.PersistentScheduler", "_store", "required"),
     ("celery.beat.ScheduleEntry", "_next_instance", "required"),
     ("celery.schedules.BaseSchedule", "_app", "required"),
@@ -120,17 +168,8 @@ def set_heap(scheduler: Scheduler, heap: list[Any] | None) -> None:
 def failed_entry_delay(scheduler: Scheduler, entry: ScheduleEntry) -> float:
     """Seconds before an entry whose next run could not be computed is tried again.
 
-    Celery 5.7 added ``Scheduler._is_due_failed`` for this; on earlier
-    versions the same is done here: log the error, retry after ``max_interval``.
+    Celery's ``Scheduler._is_due_failed`` (5.7 and newer) logs the error and
+    says when to retry.
     """
-    hook = getattr(scheduler, "_is_due_failed", None)
-    if hook is not None:
-        delay: float = hook(entry)[1]
-        return delay
-    logger.error(
-        "beat: Cannot calculate the next run of %r, trying again in %ss.",
-        entry.name,
-        scheduler.max_interval,
-        exc_info=True,
-    )
-    return float(scheduler.max_interval)
+    delay: float = scheduler._is_due_failed(entry)[1]
+    return delay

@@ -42,6 +42,7 @@ def single_flight(
     *,
     key: KeyTemplate = None,
     ttl: float | None = None,
+    limit: int | None = None,
     on_busy: str | None = None,
     max_requeues: int | None = None,
     requeue_delay: float | None = None,
@@ -68,6 +69,9 @@ def single_flight(target: Any = None, /, **options: Any) -> Any:
             ``"ledger:{account_id}"``, or a callable taking the task's
             arguments and returning the key.
         ttl: The lease in seconds, renewed while the body runs.
+        limit: How many runs of one key may run at once: above 1, each holds
+            one of the key's semaphore permits, and ``on_busy`` applies once
+            all are taken (not ``queue`` or ``coalesce``).
         on_busy: ``"requeue"``, ``"skip"``, ``"wait"``, ``"raise"``,
             ``"queue"`` or ``"coalesce"``.
         max_requeues: Lock-busy requeues allowed per message, counted apart

@@ -146,23 +146,27 @@ class RunWatch:
         self.task = task
         self.task_id: str | None = getattr(request, "id", None)
         self.worker: str | None = getattr(request, "hostname", None)
-        self.metrics = locks.settings.metrics
-        self.history = locks.settings.history > 0
+        settings = locks.settings
+        #: The counters the observations go to, or ``None`` without ``dlock_metrics``.
+        self.tally = locks.redlock.tally if settings.metrics else None
+        self.history = settings.history > 0
         #: When the run's message was first delivered (Unix time); 0 without metrics.
-        self.arrived = first_delivery(request) if self.metrics else 0.0
+        self.arrived = first_delivery(request) if self.tally is not None else 0.0
 
     def granted(self, lock: Lock) -> None:
         """The run holds ``lock``: observe its wait, and record the grant."""
-        if self.metrics:
-            observe(self.locks.redlock, self.task, "wait_seconds", time.time() - self.arrived)
+        if self.tally is not None:
+            observe(self.tally, self.task, "wait_seconds", time.time() - self.arrived)
         if self.history:
             self._record(lock, "granted")
 
     def ended(self, lock: Lock, *, kept: bool) -> None:
         """The body ended and ``lock`` is about to be released, or ``kept`` (``hold``)."""
+        if self.tally is None and not self.history:
+            return
         held = time.monotonic() - lock.acquired_at
-        if self.metrics:
-            observe(self.locks.redlock, self.task, "hold_seconds", held)
+        if self.tally is not None:
+            observe(self.tally, self.task, "hold_seconds", held)
         if self.history and not lock.lost:  # a loss was recorded when it was seen
             self._record(lock, "kept" if kept else "released", held=f"{held:.3f}")
 

@@ -194,6 +194,7 @@ class SingleFlight:
                     on_lost=on_lost,
                     count_as=self.label(task),
                     details={"task": self.label(task)},
+                    limit=policy.limit,
                 )
         except LockBusy as busy:
             raise self._not_taken(task, app, request, policy, busy, base, queued)  # noqa: B904 - busy is the cause
@@ -289,7 +290,7 @@ class SingleFlight:
                 now = time.time()
                 period = float(policy.hold) if policy.hold not in (None, True) else 0.0
                 keys = dict.fromkeys(self.run_key(base, policy, moment) for moment in (now, now - period))
-                return any([locks.redlock.release_owner(key, prefix) for key in keys])
+                return any([locks.redlock.release_owner(key, prefix, limit=policy.limit) for key in keys])
             released, handoff = locks.handoff_queue.release_owner(base, prefix, policy.ttl)
         except (DLockError, TypeError, ValueError) as exc:
             _plain_logger.warning("could not free the lock of dead task %s[%s]: %s", task.name, task_id, exc)

@@ -27,6 +27,9 @@ class SingleFlightOptions:
     key: KeyTemplate = None
     #: Lease in seconds (``dlock_default_ttl``); renewed while the body runs.
     ttl: float | None = None
+    #: How many runs of one key may hold it at once (``dlock_default_limit``):
+    #: above 1, each run holds one of the key's semaphore permits.
+    limit: int | None = None
     #: ``requeue``, ``skip``, ``wait``, ``raise``, ``queue`` or ``coalesce``
     #: (``dlock_on_busy``).
     on_busy: str | None = None
@@ -78,6 +81,7 @@ class SingleFlightOptions:
             if value is not None:
                 object.__setattr__(self, name, checked(name, value))
         self._check_scope()
+        _check_limit(self.limit, self.on_busy, "on_busy")
 
     def _check_scope(self) -> None:
         """Refuse options that the chosen scope would silently ignore."""
@@ -117,9 +121,12 @@ class SingleFlightOptions:
             return getattr(settings, name) if value is None else value
 
         on_busy = self.on_busy or ("skip" if self.hold else settings.on_busy)
+        limit = self.limit if self.limit is not None else settings.default_limit
+        _check_limit(limit, on_busy, "on_busy" if self.on_busy else "dlock_on_busy")
         policy = Policy(
             ttl=self.ttl if self.ttl is not None else settings.default_ttl,
             on_busy=on_busy,
+            limit=limit,
             max_requeues=pick("max_requeues"),
             requeue_delay=pick("requeue_delay"),
             requeue_max_delay=pick("requeue_max_delay"),
@@ -162,6 +169,7 @@ class Policy:
     queue_ttl: float = 3600.0
     dedupe_completed: bool = False
     dedupe_ttl: float = 7200.0
+    limit: int = 1
 
     @property
     def queues(self) -> bool:
@@ -179,9 +187,19 @@ class Policy:
         return self.scope != "queue"
 
 
+def _check_limit(limit: int | None, on_busy: str | None, on_busy_name: str) -> None:
+    """Refuse a FIFO handoff queue for a key that admits several runs: it hands the key to one at a time."""
+    if limit is not None and limit > 1 and on_busy in ("queue", "coalesce"):
+        raise ConfigurationError(
+            f"limit={limit} cannot be combined with {on_busy_name}={on_busy!r}: the handoff queue passes a key "
+            "to one parked message at a time; use on_busy='requeue', 'wait', 'skip' or 'raise' with a limit"
+        )
+
+
 #: The options checked as the settings of the same name are.
 _CHECKED: Final = (
     "ttl",
+    "limit",
     "on_busy",
     "max_requeues",
     "requeue_delay",
@@ -200,6 +218,7 @@ _CHECKED: Final = (
 
 #: The options of the lock held while the body runs, which ``scope="queue"`` does not take.
 _RUN_LOCK_OPTIONS: Final = (
+    "limit",
     "on_busy",
     "max_requeues",
     "requeue_delay",

@@ -76,6 +76,8 @@ class Settings:
     key_prefix: str = DEFAULT_PREFIX
     #: The lease in seconds; the watchdog renews it while the body runs.
     default_ttl: float = 30.0
+    #: How many runs of one key may hold it at once: above 1, a semaphore.
+    default_limit: int = 1
     #: What a duplicate does when the key is held.
     on_busy: str = "requeue"
     #: What happens when the lock service cannot be reached.
@@ -186,6 +188,11 @@ class Settings:
             raise ConfigurationError(
                 f"dlock_requeue_max_delay ({settings.requeue_max_delay}) must be >= "
                 f"dlock_requeue_delay ({settings.requeue_delay})"
+            )
+        if settings.default_limit > 1 and settings.on_busy in ("queue", "coalesce"):
+            raise ConfigurationError(
+                f"dlock_default_limit ({settings.default_limit}) cannot be combined with "
+                f"dlock_on_busy={settings.on_busy!r}: the handoff queue passes a key to one message at a time"
             )
         return settings
 
@@ -363,6 +370,10 @@ def _count(name: str, value: Any) -> int:
     return check_int(name, value, minimum=0)
 
 
+def _limit(name: str, value: Any) -> int:
+    return check_int(name, value, minimum=1)
+
+
 def _name(name: str, value: Any) -> str:
     if not check_text(name, value):
         raise ValueError(f"{name}: must not be empty")
@@ -394,6 +405,8 @@ CHECKS: Final[Mapping[str, Check]] = {
     "key_prefix": check_text,
     "default_ttl": _positive,
     "ttl": _positive,
+    "default_limit": _limit,
+    "limit": _limit,
     "on_busy": _choice(BUSY_POLICIES),
     "fail_mode": _choice(FAIL_MODES),
     "max_requeues": _count,

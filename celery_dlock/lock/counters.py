@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,6 +50,7 @@ class Tally:
         self._mutex = threading.Lock()
         self._flushed_at = time.monotonic()
         self._scheduled = False
+        self._later: deque[tuple[str, tuple[tuple[str, int], ...]]] = deque()
         _TALLIES.add(self)
 
     def add(self, label: str, event: str, amount: int = 1) -> None:
@@ -64,10 +65,30 @@ class Tally:
         elif first:
             self._schedule(self.flush_every, self.flush)
 
+    def add_later(self, label: str, counts: tuple[tuple[str, int], ...]) -> None:
+        """Count each ``(event, amount)`` of ``counts`` under ``label``, folded in at the next flush.
+
+        For the hot path of a run's metrics (two per run): no mutex and no
+        clock, only an append to a deque, which threads may share.  The flush
+        is scheduled as :meth:`add` does it; a flush never loses an append,
+        since it drains the deque after it has cleared ``_scheduled``.
+        """
+        self._later.append((label, counts))
+        if not self._scheduled:
+            with self._mutex:
+                first = not self._scheduled
+                self._scheduled = True
+            if first:
+                self._schedule(self.flush_every, self.flush)
+
     def pending(self) -> dict[tuple[str, str], int]:
         """The counts not yet written."""
         with self._mutex:
-            return dict(self._pending)
+            found = Counter(self._pending)
+        for label, more in list(self._later):
+            for event, amount in more:
+                found[label, event] += amount
+        return dict(found)
 
     def flush(self) -> None:
         """Write the pending counts now, if there are any."""
@@ -75,12 +96,18 @@ class Tally:
             counts, self._pending = self._pending, Counter()
             self._flushed_at = time.monotonic()
             self._scheduled = False
+        later = self._later
+        while later:
+            label, more = later.popleft()
+            for event, amount in more:
+                counts[label, event] += amount
         if counts:
             self._flush(counts)
 
     def discard_pending(self) -> None:
         """Drop the counts not yet written: a forked child's copy of its parent's."""
         self._pending = Counter()
+        self._later = deque()
         self._mutex = threading.Lock()
         self._scheduled = False
 

@@ -79,6 +79,7 @@ if redis.call('ZSCORE', permits, owner) then
     return {'granted', tonumber(string.match(entry, '^%d+'))}
 end
 if redis.call('EXISTS', lock) == 1 then
+    redis.call('HSET', lock, 'waited', 1)
     return {'held', redis.call('HGET', lock, 'meta'), redis.call('PTTL', lock)}
 end
 if redis.call('ZCARD', permits) < tonumber(limit) then

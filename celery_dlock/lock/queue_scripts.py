@@ -233,6 +233,7 @@ local function grant()
     return {'granted', token}
 end
 local function busy()
+    redis.call('HSET', lock, 'waited', 1)
     return {'held', redis.call('HGET', lock, 'meta'), redis.call('PTTL', lock)}
 end
 local holder = redis.call('HGET', lock, 'owner')

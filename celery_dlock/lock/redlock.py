@@ -161,7 +161,7 @@ class Redlock:
         self._watchdog = watchdog
         # The watchdog is looked up at each call: after a fork it is a new one.
         later = lambda delay, job: self.watchdog.call_later(delay, job)  # noqa: E731, PLW0108
-        self._tally = Tally(
+        self.tally = Tally(
             lambda counts: self._quorum.send_all(scripts.add_counts_call(self.keyspace, counts)),
             flush_every=flush_every,
             schedule=later,
@@ -353,18 +353,18 @@ class Redlock:
 
     def count(self, label: str, event: str, amount: int = 1) -> None:
         """Add to the counter ``<label>:<event>``, written to every node at most ``flush_every`` s later."""
-        self._tally.add(label, event, amount)
+        self.tally.add(label, event, amount)
 
     def flush_counts(self) -> None:
         """Write this process's pending counts to every node now, without waiting for replies."""
-        self._tally.flush()
+        self.tally.flush()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """The counters by label, from the first node that answers (each counts the same events).
 
         This process's pending counts are written first; other processes' arrive within ``flush_every``.
         """
-        self._tally.flush()
+        self.tally.flush()
         for node in self.nodes:
             reply = node.execute(pack("HGETALL", self.keyspace.stats))
             if isinstance(reply, BaseException):

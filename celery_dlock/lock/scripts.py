@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from .keyspace import Keyspace
 from .script import Arg, Granted, Held, Script, reply_status
+from .tokens import FLOOR_SLACK
 
 __all__ = [
     "ACQUIRE",
@@ -45,11 +46,12 @@ __all__ = [
 # -- plain locks ------------------------------------------------------------------------
 
 #: The next token of a key: its counter plus one, raised to the caller's
-#: clock floor (:mod:`~celery_dlock.lock.tokens`), and stored back.
-NEXT_TOKEN: Final = """
+#: clock floor once it lags that by more than the slack
+#: (:mod:`~celery_dlock.lock.tokens`), and stored back.
+NEXT_TOKEN: Final = f"""
 local function next_token()
     local token = redis.call('INCR', fence)
-    if token < tonumber(floor) then
+    if token < tonumber(floor) - {FLOOR_SLACK} then
         redis.call('SET', fence, floor)
         token = tonumber(floor)
     end
@@ -57,8 +59,9 @@ local function next_token()
 end
 """
 
-#: Take the lock, or report who holds it.  Idempotent for its owner, so a
-#: retried acquire is safe.
+#: Take the lock, or report who holds it and mark it as waited for, so that
+#: its release wakes waiters.  Idempotent for its owner, so a retried
+#: acquire is safe.
 ACQUIRE: Final = Script(
     "acquire",
     keys=("lock", "fence"),
@@ -76,6 +79,7 @@ if holder == owner then
     redis.call('PEXPIRE', lock, lease_ms)
     return {'granted', tonumber(redis.call('HGET', lock, 'token'))}
 end
+redis.call('HSET', lock, 'waited', 1)
 return {'held', redis.call('HGET', lock, 'meta'), redis.call('PTTL', lock)}
 """,
 )
@@ -157,15 +161,16 @@ def extend_call(space: Keyspace, key: str, *, owner: str, lease_ms: int) -> byte
 
 
 #: Delete the lock if it is the owner's, waking waiters unless ``channel``
-#: is empty: 1, else 0.
+#: is empty or no acquirer found the lock held: 1, else 0.
 RELEASE: Final = Script(
     "release",
     keys=("lock",),
     args=("owner", "channel"),
     body="""
-if redis.call('HGET', lock, 'owner') == owner then
+local holder = redis.call('HMGET', lock, 'owner', 'waited')
+if holder[1] == owner then
     redis.call('DEL', lock)
-    if channel ~= '' then
+    if channel ~= '' and holder[2] then
         redis.call('PUBLISH', channel, '')
     end
     return 1

@@ -6,7 +6,10 @@ acquiring client takes from its wall clock: milliseconds since
 grants of one key per millisecond get tokens above the floor (more still
 get rising tokens, from the counter).  A node that comes back empty, or a replica promoted without
 the newest grants, therefore starts above every token issued more than the
-clocks' skew ago, instead of at 1.  The bound and what it assumes are in
+clocks' skew ago, instead of at 1.  A counter is raised to the floor only
+once it has fallen :data:`FLOOR_SLACK_MS` behind it, so that a busy node
+writes the floor a few times a second rather than on every grant; tokens are
+then never more than that below the floor.  The bound and what it assumes are in
 ``docs/guarantees.md`` ("Fencing").  Every client of one request sends the
 same floor to every node, so a quorum agrees on the token without an extra
 round trip.
@@ -17,10 +20,16 @@ from __future__ import annotations
 import time
 from typing import Final
 
-__all__ = ["TOKEN_EPOCH_MS", "TOKEN_LIMIT", "TOKEN_SHIFT", "issued_at", "token_floor"]
+__all__ = ["FLOOR_SLACK", "FLOOR_SLACK_MS", "TOKEN_EPOCH_MS", "TOKEN_LIMIT", "TOKEN_SHIFT", "issued_at", "token_floor"]
 
 #: Grants of one key per millisecond that get tokens above the floor: ``2 ** TOKEN_SHIFT``.
 TOKEN_SHIFT: Final = 6
+
+#: How far, in milliseconds of floor, a counter may lag before a grant raises it to the floor.
+FLOOR_SLACK_MS: Final = 50
+
+#: :data:`FLOOR_SLACK_MS` in token units.
+FLOOR_SLACK: Final = FLOOR_SLACK_MS << TOKEN_SHIFT
 
 #: The floor counts milliseconds from 2025-01-01T00:00:00Z.
 TOKEN_EPOCH_MS: Final = 1_735_689_600_000

@@ -39,10 +39,10 @@ from ..celery.timings import is_histogram_event
 from ..lock.errors import LockUnavailable
 from ..lock.keyspace import glob_escape
 from .doctor import Check, Verdict, diagnose, worst
-from .inspect import HeldLock, Released, force_release, held_locks, lock_details, parked_tickets
+from .inspect import HeldLock, Released, force_release, held_locks, lock_details, parked_tickets, permit_holders
 from .tables import table
 from .top import Top, render, run_live, sample_twice
-from .views import history_table, lock_details_text, lock_table
+from .views import history_table, lock_details_text, lock_table, permit_table
 
 __all__ = ["EVENTS", "dlock"]
 
@@ -121,19 +121,25 @@ def list_(ctx: click.Context, pattern: str, as_json: bool) -> None:
 @_json_option
 @click.pass_context
 def show(ctx: click.Context, key: str, as_json: bool) -> None:
-    """Show the lock on KEY in full, with the messages parked behind it."""
+    """Show the lock on KEY in full, with the messages parked behind it, or its permit holders."""
     app = _app(ctx)
     lock = lock_details(app, key)
     tickets = parked_tickets(app, key)
+    permits = permit_holders(app, key)
     if as_json:
-        _echo_json(ctx, {"lock": lock.as_dict() if lock else None, "parked": [asdict(t) for t in tickets]})
+        _echo_json(
+            ctx, {"lock": lock.as_dict() if lock else None, "parked": [asdict(t) for t in tickets], "permits": permits}
+        )
+    elif permits and lock is None:
+        ctx.obj.echo(f"permits of {key!r}: {len(permits)} held, oldest first")
+        ctx.obj.echo(permit_table(permits))
     else:
         ctx.obj.echo(lock_details_text(lock) if lock else f"lock {key!r} is not held")
         if tickets:
             ctx.obj.echo(f"parked: {len(tickets)} message(s), next first")
             for number, parked in enumerate(tickets, 1):
                 ctx.obj.echo(f"  {number}. {parked.ticket}  {parked.task or '-'}")
-    if lock is None and not tickets:
+    if lock is None and not tickets and not permits:
         ctx.exit(1)
 
 

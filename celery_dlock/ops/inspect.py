@@ -48,6 +48,7 @@ __all__ = [
     "operator",
     "parked_by_task",
     "parked_tickets",
+    "permit_holders",
 ]
 
 #: Seconds an operator command waits for one node to connect or answer.
@@ -131,6 +132,15 @@ def lock_details(app: Celery, key: str, *, timeout: float = OPERATOR_TIMEOUT) ->
     """The lock on ``key``, or ``None`` if no node holds it."""
     found = _gather(locks_for(app), lambda client: [key], timeout)
     return found[0] if found else None
+
+
+def permit_holders(app: Celery, key: str) -> list[dict[str, Any]]:
+    """The holders of ``key``'s semaphore permits (tasks with ``limit`` above 1), oldest first.
+
+    Each is the holder's metadata (``label`` is the task id, ``task`` its
+    name) with its fencing ``token`` and ``ttl``, the seconds its lease has left.
+    """
+    return locks_for(app).redlock.permit_holders(key)
 
 
 def parked_tickets(app: Celery, key: str, *, timeout: float = OPERATOR_TIMEOUT) -> list[ParkedTicket]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -12,15 +13,19 @@ from .tables import duration, table, timestamp
 __all__ = [
     "HISTORY_COLUMNS",
     "LIST_COLUMNS",
+    "PERMIT_COLUMNS",
     "history_row",
     "history_table",
     "lock_details_text",
     "lock_row",
     "lock_table",
+    "permit_table",
 ]
 
 #: The columns of ``celery dlock list``.
 LIST_COLUMNS: Final = ("KEY", "KIND", "TASK", "TASK ID", "HOST", "PID", "TOKEN", "TTL", "HELD")
+#: The columns of ``celery dlock show`` for a key's semaphore permits.
+PERMIT_COLUMNS: Final = ("TASK", "TASK ID", "HOST", "PID", "TOKEN", "TTL", "HELD")
 #: The columns of ``celery dlock history``.
 HISTORY_COLUMNS: Final = ("TIME", "EVENT", "TOKEN", "TASK", "TASK ID", "WORKER", "HELD", "DETAIL")
 
@@ -68,6 +73,23 @@ def lock_row(lock: HeldLock) -> list[str]:
         duration(lock.ttl_left),
         duration(lock.held_for),
     ]
+
+
+def permit_table(permits: Sequence[dict[str, Any]]) -> str:
+    """The permit holders of a key, as :meth:`~celery_dlock.lock.redlock.Redlock.permit_holders` lists them."""
+    rows = [
+        [
+            permit.get("task") or "-",
+            permit.get("label") or "-",
+            permit.get("hostname") or "-",
+            str(permit.get("pid", "-")),
+            str(permit["token"]),
+            duration(float(permit["ttl"])),
+            duration(time.time() - float(permit["acquired_at"])) if permit.get("acquired_at") else "-",
+        ]
+        for permit in permits
+    ]
+    return table(PERMIT_COLUMNS, rows)
 
 
 def lock_details_text(lock: HeldLock) -> str:

@@ -136,6 +136,11 @@ def test_key_of_the_wrong_type_is_refused() -> None:
         ({"max_requeues": -1}, "max_requeues"),
         ({"wait_fallback": "wait"}, "wait_fallback"),
         ({"fail_mode": "ajar"}, "fail_mode"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 2.5}, "limit"),
+        ({"limit": 3, "on_busy": "queue"}, "limit=3 cannot be combined with on_busy='queue'"),
+        ({"limit": 2, "on_busy": "coalesce"}, "limit=2 cannot be combined with on_busy='coalesce'"),
+        ({"limit": 2, "scope": "queue"}, "limit: scope='queue' takes no lock while the body runs"),
     ],
 )
 def test_bad_decorator_options_fail_at_decoration_naming_the_option(options: dict[str, Any], fragment: str) -> None:
@@ -252,6 +257,22 @@ def test_a_lock_address_that_is_not_exact_is_refused_naming_dlock_redis_url(conf
 def test_bad_setting_is_named(name: str, value: Any) -> None:
     with pytest.raises(ConfigurationError, match=name):
         Settings.from_app(app_with(**{name: value}))
+
+
+def test_a_default_limit_refuses_the_handoff_queue_naming_both_settings() -> None:
+    with pytest.raises(ConfigurationError, match=r"dlock_default_limit \(3\) cannot be combined with dlock_on_busy"):
+        Settings.from_app(app_with(dlock_default_limit=3, dlock_on_busy="queue"))
+    with pytest.raises(ConfigurationError, match="dlock_default_limit"):
+        Settings.from_app(app_with(dlock_default_limit=0))
+
+
+def test_a_task_limit_refuses_the_app_wide_handoff_queue_at_worker_start() -> None:
+    settings = Settings.from_app(app_with(dlock_redis_url="redis://h:1/0", dlock_on_busy="queue"))
+    with pytest.raises(ConfigurationError, match="limit=2 cannot be combined with dlock_on_busy='queue'"):
+        SingleFlightOptions(limit=2).resolve(settings)
+    assert SingleFlightOptions(limit=2, on_busy="requeue").resolve(settings).limit == 2
+    limited = Settings.from_app(app_with(dlock_redis_url="redis://h:1/0", dlock_default_limit=4))
+    assert SingleFlightOptions().resolve(limited).limit == 4
 
 
 def test_requeue_delays_must_be_ordered() -> None:

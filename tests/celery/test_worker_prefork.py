@@ -26,7 +26,7 @@ from celery.result import AsyncResult
 from support.worker_stack import Stack, new_key
 
 from celery_dlock import LockBusy, LockUnavailable, Redlock
-from celery_dlock.testing.intervals import falling_tokens, overlaps
+from celery_dlock.testing.intervals import falling_tokens, most_at_once, overlaps
 from celery_dlock.testing.polling import wait_until
 from celery_dlock.testing.redis_process import HOST, free_port
 
@@ -63,6 +63,43 @@ def test_no_overlap_under_a_prefork_worker(shared: Stack) -> None:
     assert sorted(r.result for r in results) == sorted(s.token for s in sections)
     assert shared.counter(key) == 20  # no lost read-modify-write update
     assert not shared.lock_exists(key)
+
+
+def test_a_limit_of_three_runs_three_at_once_and_never_more(shared: Stack) -> None:
+    key = new_key("permits")
+    sent = [shared.send("wa.permit_section", key, 0.05) for _ in range(16)]
+    results = [shared.result(r, timeout=60) for r in sent]
+
+    assert [r.state for r in results] == [states.SUCCESS] * 16, shared.logs()
+    assert Counter(run["id"] for run in shared.runs(key=key)) == Counter({r.id: 1 for r in sent})
+    sections = shared.sections(key)
+    assert len(sections) == 16
+    assert 2 <= most_at_once(sections)[key] <= 3, "four pool processes, three permits"
+    assert len({r.result for r in results}) == 16, "every run held a permit with its own token"
+    assert Redlock(shared.lock_urls).permit_holders(key) == []
+
+
+def test_kill_9_of_a_pool_process_frees_its_permit_and_no_other(shared: Stack) -> None:
+    worker = shared.workers[0]
+    key = new_key("permit-kill9")
+    redlock = Redlock(shared.lock_urls)
+    held = [shared.send("wa.permit_hold", key, 3600) for _ in range(2)]
+    runs = [shared.wait_run(r.id)[0] for r in held]
+    wait_until(lambda: len(redlock.permit_holders(key)) == 2, 10, message="two permits held")
+
+    killed_at = time.monotonic()
+    os.kill(runs[0]["pid"], signal.SIGKILL)
+    wait_until(
+        lambda: [h["label"] for h in redlock.permit_holders(key)] == [held[1].id],
+        10,
+        message=lambda: f"the dead run's permit freed: {redlock.permit_holders(key)}\n{shared.logs()}",
+    )
+    assert time.monotonic() - killed_at < 10, "the lease is 30 s: expiry cannot be what freed it"
+    assert shared.result(held[0]).state == states.FAILURE
+    assert shared.result(shared.send("wa.permit_section", key, 0.01)).state == states.SUCCESS
+    shared.app.control.revoke(held[1].id, terminate=True, signal="SIGTERM")
+    wait_until(lambda: redlock.permit_holders(key) == [], 10, message="the last permit freed")
+    wait_until(lambda: len(worker.pool_pids()) == 4, 10, message="the pool back to four processes")
 
 
 def test_two_worker_processes_share_the_queue(shared: Stack) -> None:

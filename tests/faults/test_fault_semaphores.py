@@ -11,6 +11,8 @@ failing, and on 3 nodes a limit of 3 needs every node.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from fault_harness import FSYNC_ALWAYS, Quorum, Scenario, Timing, now_ns, running
 
@@ -61,26 +63,24 @@ def test_holders_killed_mid_section_never_push_past_the_limit(scenario: Scenario
     assert_within_limit(scenario, "semaphore, holders killed")
 
 
-def test_a_node_lost_and_restarted_on_five_keeps_the_limit(scenario: Scenario) -> None:
-    """Five nodes, a limit of 3: a permit needs 4 nodes, so one node may go and come back."""
-    with running(scenario):
-        quorum = start_holders(scenario, 5)
-        quorum.kill(4)
-        scenario.wait_progress(30, timeout=30)
-        quorum.start(4)
-        quorum.restart(0)
-        scenario.wait_progress(30, timeout=30)
-    assert_within_limit(scenario, "semaphore, node loss and restart")
+#: Faults on one node of five, each as the step that breaks and the step that heals.
+FIVE_NODE_FAULTS: dict[str, tuple[Callable[[Quorum], object], Callable[[Quorum], object]]] = {
+    "node loss and restart": (lambda quorum: quorum.kill(4), lambda quorum: (quorum.start(4), quorum.restart(0))),
+    "node paused": (lambda quorum: quorum.pause(2), lambda quorum: quorum.resume(2)),
+}
 
 
-def test_a_paused_node_on_five_keeps_the_limit(scenario: Scenario) -> None:
+@pytest.mark.parametrize("fault", FIVE_NODE_FAULTS)
+def test_a_node_fault_on_five_keeps_the_limit(scenario: Scenario, fault: str) -> None:
+    """Five nodes, a limit of 3: a permit needs 4 nodes, so one node may fail and come back."""
+    fail, heal = FIVE_NODE_FAULTS[fault]
     with running(scenario):
         quorum = start_holders(scenario, 5)
-        quorum.pause(2)
+        fail(quorum)
         scenario.wait_progress(30, timeout=30)
-        quorum.resume(2)
+        heal(quorum)
         scenario.wait_progress(30, timeout=30)
-    assert_within_limit(scenario, "semaphore, node paused")
+    assert_within_limit(scenario, f"semaphore, {fault}")
 
 
 def test_a_clock_step_on_one_of_three_nodes_keeps_the_limit(scenario: Scenario) -> None:

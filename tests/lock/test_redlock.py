@@ -606,3 +606,31 @@ def test_force_release_clears_a_stuck_lock_and_wakes_waiters(redis_nodes3: Redis
         assert stuck.release() is False, "the old holder's release must not touch the new lock"
         assert got[0].release() is True
     assert redlock.force_release("stuck") is None
+
+
+def test_counts_added_later_from_many_threads_all_reach_the_nodes(redis_nodes3: RedisCluster) -> None:
+    """The metrics' lock-free ``add_later`` against flushes running meanwhile: every count is written once."""
+    redlock = Redlock(redis_nodes3.urls, flush_every=0.01)
+    threads, each = 8, 2000
+    start = threading.Barrier(threads + 1)
+
+    def observe() -> None:
+        start.wait()
+        for i in range(each):
+            redlock.tally.add_later("probe", (("observed", 1), ("sum", i)))
+
+    workers = [threading.Thread(target=observe) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    while any(worker.is_alive() for worker in workers):
+        redlock.flush_counts()  # flushes race the appends, as the watchdog's timer does
+    for worker in workers:
+        worker.join()
+    expected = {"observed": threads * each, "sum": threads * sum(range(each))}
+    assert redlock.stats()["probe"] == expected
+    # Every node got each count once (stats() reads the first that answers).
+    for client in redis_nodes3.clients():
+        fields = {key.decode(): int(value) for key, value in client.hgetall(redlock.keyspace.stats).items()}
+        assert {event: fields[redlock.keyspace.stats_field("probe", event)] for event in expected} == expected
+    redlock.close()

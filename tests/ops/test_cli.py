@@ -127,6 +127,23 @@ def test_show_a_handoff_reservation(celery_app: Celery, lock_server: RedisServer
     assert "handoff   yes, for parked ticket ticket-1" in run(celery_app, "show", "k").output
 
 
+def test_show_lists_the_permit_holders_of_a_semaphore(celery_app: Celery, redlock: Redlock) -> None:
+    details = {"task": "proj.call_api"}
+    permits = [redlock.acquire("api", ttl=30, limit=3, label=f"job-{i}", details=details) for i in range(2)]
+
+    header, *rows = run(celery_app, "show", "api").output.splitlines()[1:]
+    assert header.split() == ["TASK", "TASK", "ID", "HOST", "PID", "TOKEN", "TTL", "HELD"]
+    assert [row.split()[:2] for row in rows] == [["proj.call_api", "job-0"], ["proj.call_api", "job-1"]]
+    assert [int(row.split()[4]) for row in rows] == [p.token for p in permits]
+    shown = json.loads(run(celery_app, "show", "api", "--json").output)
+    assert shown["lock"] is None and [p["label"] for p in shown["permits"]] == ["job-0", "job-1"]
+    assert all(0 < p["ttl"] <= 30 for p in shown["permits"])
+
+    for permit in permits:
+        permit.release()
+    assert run(celery_app, "show", "api", code=1).output == "lock 'api' is not held\n"
+
+
 # -- release and purge ----------------------------------------------------------------------
 
 
