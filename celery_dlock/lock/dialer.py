@@ -11,10 +11,11 @@ quorum of the others can outvote at once.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from .process import current_pid
 
 __all__ = ["Dialer"]
 
@@ -26,7 +27,7 @@ class Dialer(Generic[C]):
 
     def __init__(self, dial: Callable[[], C], name: str) -> None:
         #: The process that started it: a forked child never picks up its parent's dial.
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.connection: C | None = None
         self.error: BaseException | None = None
         self._dial = dial

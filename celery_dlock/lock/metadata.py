@@ -9,24 +9,37 @@ decisions never depend on it.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .process import current_pid
+
 __all__ = ["StoredLock", "holder_metadata", "parse_lock_hash", "parse_metadata", "quorum_holder"]
 
 _HOST = socket.gethostname()
 
+#: The fields every holder's metadata has.
+_STANDARD = frozenset({"hostname", "pid", "acquired_at", "label"})
+
+#: The JSON of the fields every holder in one process shares, by process id.
+_heads: dict[int, str] = {}
+
 
 def holder_metadata(label: str | None, details: Mapping[str, Any] | None = None) -> str:
-    """The JSON metadata of a new holder in this process."""
-    meta = {"hostname": _HOST, "pid": os.getpid(), "acquired_at": time.time(), "label": label}
+    """The JSON metadata of a new holder in this process (``details`` win over the standard fields)."""
+    pid = current_pid()
+    if details and not _STANDARD.isdisjoint(details):
+        return json.dumps({"hostname": _HOST, "pid": pid, "acquired_at": time.time(), "label": label, **details})
+    head = _heads.get(pid)
+    if head is None:
+        head = _heads[pid] = json.dumps({"hostname": _HOST, "pid": pid})[:-1]
+    meta = f'{head}, "acquired_at": {time.time()!r}, "label": {json.dumps(label)}'
     if details:
-        meta.update(details)
-    return json.dumps(meta)
+        return f"{meta}, {json.dumps(dict(details))[1:]}"
+    return meta + "}"
 
 
 def parse_metadata(raw: bytes | str | None) -> dict[str, Any] | None:

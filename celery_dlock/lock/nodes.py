@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import select
 import socket
 import threading
 import time
@@ -31,6 +31,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from .addresses import resolve
 from .dialer import Dialer
+from .process import current_pid
 from .resp import pack
 
 __all__ = ["NO_REPLY", "Member", "Node", "Reply", "execute", "lock_connection_settings"]
@@ -127,7 +128,7 @@ class _Link:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.stale = 0
         self.sent = b""
         #: Whether a reply has come back on it: a connection that has worked
@@ -316,7 +317,7 @@ class Node:
         """
         link: _Link | None = getattr(self._local, "link", None)
         if link is not None:
-            if link.pid == os.getpid() and link.conn._sock is not None and link.stale <= MAX_STALE_REPLIES:
+            if link.pid == current_pid() and link.conn._sock is not None and link.stale <= MAX_STALE_REPLIES:
                 if not self._closed_by_peer(link):
                     return link
                 logger.debug("node %s closed our connection; dialling again", self.name)
@@ -336,11 +337,29 @@ class Node:
         return link
 
     def _closed_by_peer(self, link: _Link) -> bool:
-        """Whether the server closed ``link``: past the stale replies already in, it has more to read, or EOF."""
+        """Whether the server closed ``link``: past the stale replies already in, it has more to read, or EOF.
+
+        With one stale reply or none (a release not waited for, or nothing:
+        the usual case) a poll of the socket says it, and redis-py's buffer is
+        empty, since every read stops at the last reply owed.  More stale
+        replies take redis-py's own check, which looks in that buffer too.
+        """
+        conn = link.conn
         try:
-            if link.stale and not self._skip_stale(link, block=False):
-                return False  # a stale reply is still on its way: the connection is alive
-            return link.conn.can_read(0)
+            if link.stale > 1:
+                if not self._skip_stale(link, block=False):
+                    return False  # a stale reply is still on its way: the connection is alive
+                return conn.can_read(0)
+            sock = conn._sock
+            if sock is None:
+                return True
+            if link.stale:
+                if not _readable(sock):
+                    return False
+                with contextlib.suppress(ResponseError):  # a stale reply's error is not ours
+                    conn.read_response()
+                link.stale = 0
+            return _readable(sock)
         except (RedisError, OSError):
             return True
 
@@ -358,7 +377,7 @@ class Node:
     def _background_link(self) -> _Link:
         """The connection a background dial made, once it is ready; ``ConnectionError`` until then."""
         dialer: Dialer[Connection] | None = getattr(self._local, "dialer", None)
-        if dialer is None or dialer.pid != os.getpid():
+        if dialer is None or dialer.pid != current_pid():
             if time.monotonic() >= self._cooldown_until:
                 self._local.dialer = Dialer(self._dial, self.name)
             raise redis.ConnectionError(f"{self.name} timed out; dialling it again in the background")
@@ -407,6 +426,16 @@ def lock_connection_settings(socket_timeout: float) -> dict[str, Any]:
         "health_check_interval": 0,
         "protocol": 2,
     }
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether ``sock`` has something to read now (data or an EOF), in one system call."""
+    poll = getattr(select, "poll", None)  # eventlet's green select has none
+    if poll is None:
+        return bool(select.select([sock], [], [], 0)[0])
+    poller = poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _reconnectable(link: _Link, exc: BaseException) -> bool:
