@@ -124,12 +124,14 @@ class Member(Protocol):
 class _Link:
     """A connection of one thread to one node, and its unread reply count."""
 
-    __slots__ = ("conn", "pid", "sent", "stale", "used")
+    __slots__ = ("conn", "owed", "pid", "sent", "stale", "used")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.pid = current_pid()
         self.stale = 0
+        #: Whether the reply to :attr:`sent` is neither read nor left yet.
+        self.owed = False
         self.sent = b""
         #: Whether a reply has come back on it: a connection that has worked
         #: before and fails now was most likely closed by a server restart.
@@ -214,7 +216,15 @@ class Node:
     # -- the fan-out protocol: send, then read ---------------------------
 
     def send(self, packed: bytes) -> None:
-        """Send ``packed`` on this thread's connection, connecting if need be."""
+        """Send ``packed`` on this thread's connection, connecting if need be.
+
+        A command sent while the last one's reply is still owed (two commands
+        to one node in one fan-out) makes that reply stale, to be skipped.
+        """
+        current: _Link | None = getattr(self._local, "link", None)
+        if current is not None and current.owed:
+            current.stale += 1
+            current.owed = False
         link = self._link()
         link.sent = packed
         try:
@@ -224,6 +234,8 @@ class Node:
             if not _reconnectable(link, exc):
                 raise
             self.send(packed)  # once, on a fresh connection
+            return
+        link.owed = True
 
     def fileno(self) -> int:
         """The file descriptor of this thread's connection, for polling."""
@@ -250,8 +262,10 @@ class Node:
                 conn.send_packed_command([link.sent], check_health=False)
                 reply = conn.read_response()
             link.used = True
+            link.owed = False
             return reply
         except ResponseError as exc:
+            link.owed = False
             return exc
         except RedisError as exc:
             self._fail(link, exc)
@@ -283,7 +297,9 @@ class Node:
     def abandon(self) -> None:
         """Leave the last reply unread: it is skipped before the next one."""
         link: _Link = self._local.link
-        link.stale += 1
+        if link.owed:
+            link.stale += 1
+            link.owed = False
 
     def scan(self, pattern: str) -> list[bytes]:
         """The names of the keys matching ``pattern``; raises the error of a node that failed."""
@@ -406,6 +422,7 @@ class Node:
     def _fail(self, link: _Link, exc: BaseException) -> None:
         link.conn.disconnect()
         link.stale = 0
+        link.owed = False
         if isinstance(exc, RedisTimeoutError):
             self._suspect = True
             self._back_off()

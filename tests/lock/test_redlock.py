@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from celery_dlock import (
     Redlock,
     Watchdog,
 )
+from celery_dlock.lock.resp import pack
 from celery_dlock.testing.intervals import falling_tokens, overlaps
 from celery_dlock.testing.polling import wait_until
 
@@ -634,3 +636,22 @@ def test_counts_added_later_from_many_threads_all_reach_the_nodes(redis_nodes3: 
         fields = {key.decode(): int(value) for key, value in client.hgetall(redlock.keyspace.stats).items()}
         assert {event: fields[redlock.keyspace.stats_field("probe", event)] for event in expected} == expected
     redlock.close()
+
+
+def test_two_commands_to_one_node_before_any_reply_keep_replies_in_step(redis_node1: RedisCluster) -> None:
+    """The second send makes the first reply stale, even when that reply is already in (a history flush).
+
+    The first reply is left to arrive before the second send, as it does on a
+    fast server: it must be skipped, not taken for a server that closed the
+    connection, and the next command must get its own reply.
+    """
+    node = Redlock(redis_node1.urls).nodes[0]
+    first_id = node.execute(pack("CLIENT", "ID"))
+    node.send(pack("SET", "a", "1"))
+    select.select([node.fileno()], [], [], 5)  # the reply to the first is in
+    node.send(pack("SET", "b", "2"))
+    node.abandon()
+    node.abandon()
+    assert node.execute(pack("GET", "a")) == b"1"
+    assert node.execute(pack("GET", "b")) == b"2"
+    assert node.execute(pack("CLIENT", "ID")) == first_id, "the connection was kept"

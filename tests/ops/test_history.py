@@ -70,7 +70,11 @@ def test_history_shows_a_forced_release_and_the_loss_it_caused(stack: Stack, app
     stack.result(held)  # the body ends; its release finds the lock gone, and adds nothing
     again = stack.send("wa.hold_short_ttl", key, 0.0)
     stack.result(again)
-    entries = wait_until(lambda: (found := history(app, key)) and found[-1]["event"] == "released" and found, 10)
+    entries = wait_until(
+        lambda: (found := history(app, key)) and found[-1]["event"] == "released" and found,
+        10,
+        message=lambda: f"the release in {history(app, key)}\n{stack.logs(200)}",
+    )
     assert [entry["event"] for entry in entries] == ["granted", "forced", "lost", "granted", "released"]
     assert int(entries[-1]["token"]) > int(token) and float(entries[-1]["held"]) >= 0
 
