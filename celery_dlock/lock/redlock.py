@@ -162,7 +162,7 @@ class Redlock:
         # The watchdog is looked up at each call: after a fork it is a new one.
         later = lambda delay, job: self.watchdog.call_later(delay, job)  # noqa: E731, PLW0108
         self.tally = Tally(
-            lambda counts: self._quorum.read_all(scripts.add_counts_call(self.keyspace, counts)),
+            lambda counts: self._quorum.send_all(scripts.add_counts_call(self.keyspace, counts)),
             flush_every=flush_every,
             schedule=later,
         )
@@ -356,7 +356,7 @@ class Redlock:
         self.tally.add(label, event, amount)
 
     def flush_counts(self) -> None:
-        """Write this process's pending counts to every node now, waiting up to ``socket_timeout`` for each."""
+        """Write this process's pending counts to every node now, without waiting for replies."""
         self.tally.flush()
 
     def stats(self) -> dict[str, dict[str, int]]:
