@@ -67,7 +67,7 @@ def test_no_overlap_under_a_prefork_worker(shared: Stack) -> None:
 
 def test_a_limit_of_three_runs_three_at_once_and_never_more(shared: Stack) -> None:
     key = new_key("permits")
-    sent = [shared.send("wa.permit_section", key, 0.05) for _ in range(16)]
+    sent = [shared.send("wa.permit_hold", key, 0.05) for _ in range(16)]
     results = [shared.result(r, timeout=60) for r in sent]
 
     assert [r.state for r in results] == [states.SUCCESS] * 16, shared.logs()
@@ -96,7 +96,7 @@ def test_kill_9_of_a_pool_process_frees_its_permit_and_no_other(shared: Stack) -
     )
     assert time.monotonic() - killed_at < 10, "the lease is 30 s: expiry cannot be what freed it"
     assert shared.result(held[0]).state == states.FAILURE
-    assert shared.result(shared.send("wa.permit_section", key, 0.01)).state == states.SUCCESS
+    assert shared.result(shared.send("wa.permit_hold", key, 0.01)).state == states.SUCCESS
     shared.app.control.revoke(held[1].id, terminate=True, signal="SIGTERM")
     wait_until(lambda: redlock.permit_holders(key) == [], 10, message="the last permit freed")
     wait_until(lambda: len(worker.pool_pids()) == 4, 10, message="the pool back to four processes")

@@ -108,19 +108,10 @@ def requeue_section(self: Task, key: str, hold: float = 0.02) -> int:
     return lock.token if lock else 0
 
 
-@app.task(name="wa.permit_section", bind=True)
-@single_flight(key="{key}", ttl=30, limit=3, on_busy="requeue", requeue_delay=0.02, requeue_max_delay=0.2)
-def permit_section(self: Task, key: str, hold: float = 0.05) -> int:
-    """One of three permits of ``key``: the counter it bumps loses updates, its sections may overlap by three."""
-    with section(self, key) as lock:
-        time.sleep(hold)
-    return lock.token if lock else 0
-
-
 @app.task(name="wa.permit_hold", bind=True)
 @single_flight(key="{key}", ttl=30, limit=3, on_busy="requeue", requeue_delay=0.05, requeue_max_delay=0.2)
 def permit_hold(self: Task, key: str, seconds: float = 3600.0) -> int:
-    """Hold one of three permits of ``key`` for ``seconds``."""
+    """Hold one of three permits of ``key`` for ``seconds``: three sections may overlap."""
     with section(self, key) as lock:
         time.sleep(seconds)
     return lock.token if lock else 0
