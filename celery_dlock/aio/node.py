@@ -31,7 +31,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..lock.addresses import SENTINEL_SCHEME, mask_url, resolve
 from ..lock.cluster import is_cluster_url
-from ..lock.nodes import Reply, lock_connection_settings
+from ..lock.member import Reply
+from ..lock.nodes import lock_connection_settings
 from ..lock.resp import pack
 from .wire import Wire
 

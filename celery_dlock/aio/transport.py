@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
-from ..lock.nodes import NO_REPLY, Reply
+from ..lock.member import NO_REPLY, Reply
 from ..lock.plans import Done, Fan, Listen, Pause, Plan, advance
 from ..lock.resp import pack
 from .node import AsyncNode
@@ -47,7 +47,7 @@ async def fan(nodes: Sequence[AsyncNode], request: Fan) -> list[Reply]:
 
     A target still silent after its ``socket_timeout`` gets a timeout error
     (and its connection is dropped); one silent when the outcome is decided
-    keeps :data:`~celery_dlock.lock.nodes.NO_REPLY`, its reply read later in order.
+    keeps :data:`~celery_dlock.lock.member.NO_REPLY`, its reply read later in order.
     """
     replies: list[Reply] = [NO_REPLY] * len(request.targets)
     places: dict[asyncio.Future[Reply], int] = {

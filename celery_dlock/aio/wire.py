@@ -22,7 +22,7 @@ from typing import Any, Final
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from ..lock.nodes import Reply
+from ..lock.member import Reply
 
 __all__ = ["Wire", "parse_reply"]
 

@@ -1,7 +1,7 @@
 """A Redis Cluster as one lock node: each command goes to the master of its key's slot.
 
 A :class:`ClusterNode` offers what a :class:`~celery_dlock.lock.nodes.Node`
-offers (:class:`~celery_dlock.lock.nodes.Member`), so the quorum and the
+offers (:class:`~celery_dlock.lock.member.Member`), so the quorum and the
 fan-out treat a whole Cluster as one node.  It keeps the slot map from
 ``CLUSTER SLOTS`` and a plain :class:`~celery_dlock.lock.nodes.Node` for each
 master, and routes each packed command by its first key
@@ -27,7 +27,8 @@ from redis.exceptions import AskError, MovedError, RedisError
 
 from .addresses import mask_url
 from .keyspace import SLOTS, key_slot
-from .nodes import NO_REPLY, Connection, Member, Node, Reply, execute
+from .member import NO_REPLY, Connection, Member, Reply, execute
+from .nodes import Node
 from .resp import first_key, pack
 
 __all__ = ["CLUSTER_SCHEMES", "ClusterNode", "is_cluster_url", "member", "parse_cluster_url"]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from .fanout import fan_out
-from .nodes import Member
+from .member import Member
 from .plans import Done, Fan, Listen, Plan, advance
 from .waiting import ReleaseWaiter
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .nodes import NO_REPLY, Member, Reply
+from .member import NO_REPLY, Member, Reply
 
 __all__ = ["Readiness", "fan_out"]
 

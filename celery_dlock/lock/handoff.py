@@ -37,8 +37,8 @@ from redis.exceptions import RedisError
 from . import queue_scripts as scripts
 from .errors import DLockError, LockBusy, LockUnavailable
 from .lease import Lock, LostCallback
+from .member import Reply
 from .metadata import holder_metadata, parse_metadata
-from .nodes import Reply
 from .redlock import Redlock
 from .resp import pack
 from .script import Granted, HandedOff, Held, KeyFree, Parked, QueueFilled, Released, TicketSpent

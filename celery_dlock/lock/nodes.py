@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -31,18 +31,13 @@ from redis.sentinel import SentinelConnectionPool
 
 from .addresses import resolve
 from .dialer import Dialer
+from .member import NO_REPLY, Connection, Reply, execute
 from .process import current_pid
 from .resp import pack
 
-__all__ = ["NO_REPLY", "Member", "Node", "Reply", "execute", "lock_connection_settings"]
+__all__ = ["COOLDOWN_MAX", "COOLDOWN_MIN", "MAX_STALE_REPLIES", "Node", "lock_connection_settings"]
 
 logger = logging.getLogger(__name__)
-
-#: Marks a node whose reply had not arrived when the outcome was decided.
-NO_REPLY: Final = type("NoReplyType", (), {"__repr__": lambda self: "NO_REPLY"})()
-
-#: A node's answer: the decoded RESP value, the error it raised, or NO_REPLY.
-Reply = Any
 
 #: After this many unread replies a connection is dropped rather than drained.
 MAX_STALE_REPLIES: Final = 32
@@ -62,63 +57,6 @@ _MAINTENANCE_KWARGS: Final = (
     "orig_socket_timeout",
     "orig_socket_connect_timeout",
 )
-
-
-class Connection(Protocol):
-    """The part of a redis-py connection this module uses, typed."""
-
-    _sock: socket.socket | None
-
-    def connect(self) -> None: ...
-    def disconnect(self) -> None: ...
-    def send_packed_command(self, command: list[bytes], check_health: bool = ...) -> None: ...
-    def can_read(self, timeout: float = ...) -> bool: ...
-    def read_response(self) -> Any: ...
-
-
-class Member(Protocol):
-    """One member of a quorum: a :class:`Node`, or a whole Redis Cluster (:mod:`.cluster`)."""
-
-    #: A printable name with no password.
-    name: str
-    #: Equal for two members that are the same server, Sentinel master or Cluster.
-    identity: tuple[str, ...]
-
-    def send(self, packed: bytes) -> None:
-        """Send one packed command."""
-        ...
-
-    def fileno(self) -> int:
-        """The descriptor the reply to the last command arrives on."""
-        ...
-
-    def read(self, *, block: bool = False) -> Reply:
-        """The reply to the last command, or :data:`NO_REPLY` if not in yet and not ``block``."""
-        ...
-
-    def abandon(self) -> None:
-        """Leave the last reply unread."""
-        ...
-
-    def execute(self, packed: bytes) -> Reply:
-        """Send one command and wait for its reply."""
-        ...
-
-    def close(self) -> None:
-        """Close this thread's connections."""
-        ...
-
-    def new_connection(self) -> Connection:
-        """A connected connection of the caller's own, for subscriptions."""
-        ...
-
-    def scan(self, pattern: str) -> list[bytes]:
-        """The names of the keys matching ``pattern`` (on a Cluster, on every master)."""
-        ...
-
-    def client(self, timeout: float) -> Any:
-        """A redis-py client, for operators; the caller closes it."""
-        ...
 
 
 class _Link:
@@ -465,12 +403,3 @@ def _readable(sock: socket.socket) -> bool:
 def _reconnectable(link: _Link, exc: BaseException) -> bool:
     """Whether a failure is the server having closed a connection that worked."""
     return link.used and isinstance(exc, redis.ConnectionError) and not isinstance(exc, RedisTimeoutError)
-
-
-def execute(member: Member, packed: bytes) -> Reply:
-    """Send one command to ``member`` and wait for its reply (returned, even if an error)."""
-    try:
-        member.send(packed)
-    except RedisError as exc:
-        return exc
-    return member.read(block=True)

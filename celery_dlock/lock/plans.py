@@ -28,8 +28,8 @@ from typing import Any, Final, Generic, TypeVar
 from . import scripts
 from .errors import LockBusy, LockLost, LockUnavailable
 from .keyspace import Keyspace
+from .member import Reply
 from .metadata import parse_metadata
-from .nodes import Reply
 from .quorum import decided, quorum_size
 from .schemes import Scheme
 from .script import Granted, Held
@@ -51,7 +51,7 @@ class Fan:
     """Send ``command`` to the nodes at ``targets``; read replies until ``decided`` says enough are in.
 
     ``decided`` is given the replies so far, aligned with ``targets``, each a
-    value, an exception or :data:`~celery_dlock.lock.nodes.NO_REPLY`.  One
+    value, an exception or :data:`~celery_dlock.lock.member.NO_REPLY`.  One
     that is decided before any reply (:meth:`Rules.send`) is sent and not
     waited for.
     """

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from .fanout import fan_out
-from .nodes import NO_REPLY, Member, Reply
+from .member import NO_REPLY, Member, Reply
 
 __all__ = ["Quorum", "decided", "quorum_size"]
 

@@ -31,8 +31,8 @@ from .errors import LockBusy, LockUnavailable
 from .faults import fault_point
 from .keyspace import DEFAULT_PREFIX, Keyspace
 from .lease import Lock, LostCallback
+from .member import Member
 from .metadata import holder_metadata, quorum_holder
-from .nodes import Member
 from .plans import Plan, Rules, new_owner
 from .quorum import Quorum, quorum_size
 from .resend import Resender

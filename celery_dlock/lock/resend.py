@@ -20,7 +20,7 @@ from typing import Final
 
 import redis
 
-from .nodes import Member, Reply
+from .member import Member, Reply
 from .quorum import Quorum
 
 __all__ = ["RESEND_ATTEMPTS", "RESEND_FIRST_DELAY", "Resender"]

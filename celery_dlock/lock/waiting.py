@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from .errors import LockBusy, LockUnavailable
 from .fanout import Readiness
-from .nodes import Connection, Member
+from .member import Connection, Member
 from .resp import pack
 
 __all__ = ["ReleaseWaiter", "Retries"]
