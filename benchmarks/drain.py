@@ -66,6 +66,9 @@ ANCHORS = ("celery-once", "celery-singleton", "celery-heimdall")
 #: The families also drained end to end (publishing while the worker consumes), at the first concurrency.
 END_TO_END = ("plain", "ours", *ANCHORS)
 
+#: The families a quick run drains, one of each kind: enough to show every code path runs.
+QUICK_FAMILIES = ("plain", "floor", "ours", "celery-once")
+
 #: The suffix of an end-to-end family's name.
 E2E = "+e2e"
 
@@ -206,6 +209,8 @@ def run(options: RunOptions) -> ScenarioResult:
     notes: list[str] = []
     runs: dict[str, list[workers.Drained]] = {}
     families = _installed(notes)
+    if options.quick:
+        families = [family for family in families if family in QUICK_FAMILIES]
     first = size.concurrencies[0]
     end_to_end = [family + E2E for family in END_TO_END if family in families]
     measured = [(family, c) for c in size.concurrencies for family in families]
