@@ -139,12 +139,15 @@ def test_a_plain_lock_on_the_key_blocks_its_permits(redis_node1: RedisCluster) -
 def test_expired_permits_are_trimmed_and_leave_no_key(redis_node1: RedisCluster) -> None:
     redlock = Redlock(redis_node1.urls)
     client = redis_node1[0].client()
-    short = [redlock.acquire("api", ttl=0.3, limit=2, blocking=False) for _ in range(2)]
-    # Blocking: retried until the first permit's lease ends on the node.
+    short = redlock.acquire("api", ttl=0.3, limit=2, blocking=False)
+    long = redlock.acquire("api", ttl=5, limit=2, blocking=False)
+    # Blocking: retried until the short permit's lease ends on the node.
     third = redlock.acquire("api", ttl=5, limit=2, timeout=5)
-    assert permit_keys(client, "api") == (1, 1), "the expired permits and their entries are gone"
-    assert all(permit.release() is False for permit in short)
-    third.release()
+    assert permit_keys(client, "api") == (2, 2), "the expired permit and its entry are gone"
+    assert client.hget("dlock:holders:api", short.owner) is None
+    assert short.release() is False, "nothing left to release: the node had dropped it"
+    assert long.release() is True and third.release() is True
+    assert not client.exists("dlock:permits:api", "dlock:holders:api")
     held = redlock.acquire("api", ttl=0.2, limit=2, blocking=False)
     assert 0 < client.pttl("dlock:permits:api") <= 200 and 0 < client.pttl("dlock:holders:api") <= 200
     del held
