@@ -34,7 +34,7 @@ from .lease import Lock, LostCallback
 from .member import Member
 from .metadata import holder_metadata, quorum_holder
 from .plans import Plan, Rules, new_owner
-from .quorum import Quorum, quorum_size
+from .quorum import Quorum
 from .resend import Resender
 from .resp import pack
 from .schemes import Scheme
@@ -174,7 +174,7 @@ class Redlock:
 
     def quorum_for(self, limit: int) -> int:
         """How many nodes must grant one permit of a semaphore of ``limit``: ``⌊N·limit/(limit+1)⌋ + 1``."""
-        return quorum_size(len(self.nodes), check_int("limit", limit, minimum=1))
+        return self.scheme(check_int("limit", limit, minimum=1)).size
 
     def scheme(self, limit: int = 1) -> Scheme:
         """The scripts and quorum size of keys admitting ``limit`` holders (made once per limit)."""
