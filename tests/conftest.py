@@ -7,13 +7,12 @@ see ``tests/support/__init__.py``.
 
 from __future__ import annotations
 
-import gc
-import warnings
 from collections.abc import Iterator, Sequence
 
 import pytest
 from support.cluster import ClusterTopology
 from support.redis_servers import ClusterFactory, RedisCluster, RedisServer
+from support.results import collect_results
 from support.sentinel import SentinelTopology
 
 # celery.contrib.pytest provides the in-process celery_app/celery_worker
@@ -87,13 +86,7 @@ def celery_config(redis_server: RedisServer, lock_server: RedisServer) -> Iterat
         "worker_send_task_events": True,
         "task_send_sent_event": False,
     }
-    # AsyncResult.__del__ unsubscribes from the result backend: collect them
-    # while its server is still up, or the backend retries for a minute.  The
-    # in-process worker leaves some of Celery's own broker sockets to the
-    # garbage collector; their ResourceWarnings are Celery's, not ours.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
+    collect_results()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ is ever skipped.
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from support.redis_servers import RedisServer
+from support.results import collect_results
 
 from celery_dlock.testing.polling import wait_until
 
@@ -64,9 +64,7 @@ def app(redis_server: RedisServer) -> Iterator[Celery]:
     app = Celery("floor", broker=redis_server.url, backend=redis_server.url, set_as_current=False)
     app.conf.update(broker_connection_retry_on_startup=False, worker_hijack_root_logger=False)
     yield app
-    # AsyncResult.__del__ unsubscribes: collect the test's results (held in
-    # reference cycles) while their server is still up.
-    gc.collect()
+    collect_results()
     app.close()
 
 

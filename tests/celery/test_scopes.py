@@ -33,6 +33,7 @@ from support.apps import AppUrls
 from support.cli import run_dlock
 from support.event_receiver import receiving
 from support.redis_servers import RedisServer
+from support.results import collect_results
 from support.worker_stack import Stack, new_key, stacks
 from test_amqp_worker import AmqpStack, new_queue, reachable_rabbitmq
 
@@ -65,8 +66,11 @@ def env(request: pytest.FixtureRequest) -> Iterator[tuple[Stack, SimpleNamespace
         worker = stack.worker(app_module="scopes_app", concurrency=4)
         tasks = build(AppUrls(stack.broker.url, stack.lock_urls, stack.recorder_url), amqp, queue)
         tasks.worker, tasks.amqp = worker, amqp
-        yield stack, tasks
-        tasks.app.close()
+        try:
+            yield stack, tasks
+        finally:
+            collect_results()
+            tasks.app.close()
 
 
 def held(stack: Stack, label: str = "held") -> str:

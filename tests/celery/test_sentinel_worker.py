@@ -22,6 +22,7 @@ from celery import Celery, states
 from celery.bin.base import CLIContext
 from celery.result import AsyncResult
 from click.testing import CliRunner, Result
+from support.results import collect_results
 from support.sentinel import ENV_LOCK_SOURCE, SentinelStack, SentinelTopology
 from support.worker_stack import new_key
 from test_handoff_worker import assert_ran_once_in_turn, flag_set_on_exit, start_holder, wait_parked
@@ -43,6 +44,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[SentinelStack]:
             made.worker(concurrency=4)
             yield made
         finally:
+            collect_results()
             made.close()
 
 

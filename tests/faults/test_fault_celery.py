@@ -9,7 +9,6 @@ Nothing is lost.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from celery import Celery, states
 from fault_harness import FAULTS_DIR, FSYNC_ALWAYS, Scenario, Timing, now_ns, soak
 from fault_holder import RUNS
 from support.redis_servers import RedisServer
+from support.results import collect_results
 from support.workers import CeleryWorker
 
 from celery_dlock.testing.polling import wait_until
@@ -71,8 +71,8 @@ def test_full_outage_requeues_every_task_and_runs_it_once_the_nodes_are_back(
         assert [result.state for result in sent] == [states.SUCCESS] * len(sent), worker.log_tail()
     finally:
         worker.stop()
-        sent.clear()  # AsyncResults unsubscribe from the broker when collected: do it while it is up
-        gc.collect()
+        sent.clear()
+        collect_results()
         client.close()
 
     done = [run for run in runs(scenario) if run["id"] in ids]

@@ -33,6 +33,7 @@ from celery_dlock.testing.redis_process import HOST
 
 from .critical_sections import Section, read_sections
 from .redis_servers import RedisServer
+from .results import collect_results
 from .workers import CeleryWorker
 
 __all__ = ["KEY_PREFIX", "Stack", "new_key", "stacks"]
@@ -175,6 +176,7 @@ def stacks() -> Iterator[Callable[..., Stack]]:
     try:
         yield make
     finally:
+        collect_results()
         for stack in made:
             stack.close()
         for server in servers:
