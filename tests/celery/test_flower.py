@@ -12,6 +12,7 @@ mid-body.  Every wait is a bounded poll.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,12 +34,28 @@ def watched(make_stack: Callable[..., Stack]) -> Any:
     stack.worker(concurrency=2, extra_args=["-E"])
     flower = Flower(stack.broker.url).start()
     try:
-        # Flower knows only what it has consumed: wait until it has a whole task.
-        probe = stack.send("wa.wait_section", new_key("probe"), 0.0)
-        wait_state(flower, stack, probe.id, states.SUCCESS)
+        wait_consuming(flower, stack)
         yield stack, flower
     finally:
         flower.close()
+
+
+def wait_consuming(flower: Flower, stack: Stack, timeout: float = 30.0) -> None:
+    """Send probe tasks until Flower has one whole: from then on it sees every event.
+
+    Flower answers HTTP before its event consumer has bound its queue, and the
+    events sent before that are never delivered to it, so one probe can be
+    missed for good: each probe gets a few seconds, then another is sent.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = stack.send("wa.wait_section", new_key("probe"), 0.0)
+        try:
+            wait_state(flower, stack, probe.id, states.SUCCESS, timeout=min(3.0, deadline - time.monotonic()))
+            return
+        except AssertionError:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def wait_state(flower: Flower, stack: Stack, task_id: str, *wanted: str, timeout: float = 20.0) -> dict[str, Any]:
