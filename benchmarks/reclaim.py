@@ -6,7 +6,7 @@ its lease runs out.  With it, a surviving worker's main process reaps the
 dead one's locks after Celery's heartbeat expiry, a grace and an unanswered
 ping (:mod:`celery_dlock.celery.reaper`, docs/reclaim.md).  Each sample
 starts two real prefork workers, kills the one holding the lock, and polls
-the lock hash until it is gone.
+the lock until it is gone.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ EXTEND_EVERY = 1 / 3
 #: The holder is killed a random 0 to this many seconds after its lock is seen, so that the
 #: kill lands anywhere in the watchdog's renewal cycle, and in the heartbeats' cycle.
 KILL_SPREAD = RECLAIM_TTL * EXTEND_EVERY
-#: The lock hash is polled this often after the kill.
+#: The lock is polled this often after the kill.
 POLL_SECONDS = 0.01
-#: The name of the lock hash, from the key the task locks (the app's default prefix).
+#: The name of the lock, from the key the task locks (the app's default prefix).
 LOCK_NAME = Keyspace().lock(RECLAIM_KEY)
 
 
@@ -126,10 +126,10 @@ starts, on a broker and a lock server (two spawned redis-servers), two real
 `celery worker -P prefork -c 1` processes, both sending heartbeats: the
 *holder* consumes the queue the task is sent to, the *observer* another one,
 and survives.  The task is `@single_flight(key=..., ttl={RECLAIM_TTL:g})`; its body
-sleeps for an hour.  Once the lock hash exists (its name from
+sleeps for an hour.  Once the lock exists (its name from
 `Keyspace.lock`) and, with reclaiming, the observer's log says it watches
 both workers, the holder's process group is killed a random 0 to {KILL_SPREAD:g} s
-later (anywhere in the watchdog's renewal cycle), and the lock hash is
+later (anywhere in the watchdog's renewal cycle), and the lock is
 polled every {POLL_SECONDS * 1000:.0f} ms until it is gone (monotonic clock).
 
 * **ttl only**: `dlock_reclaim_offline` off (the default): the lock is free
@@ -164,7 +164,7 @@ class Reclaimed:
     """What one kill measured.
 
     Attributes:
-        free_ns: From the kill to the lock hash being gone.
+        free_ns: From the kill to the lock being gone.
         lease_left_ms: The lock's remaining lease, read just before the kill.
         reaped: Whether the observer's log says it reclaimed the lock.
 

@@ -24,7 +24,7 @@ reaps a worker only when all of these hold (docs/reclaim.md):
    thread, so that this worker's own event loop keeps answering pings.
 
 A worker never heard from (say, one started with ``--without-heartbeat``)
-is never reaped.  Locks are found by SCAN of the lock hashes
+is never reaped.  Locks are found by SCAN of the locks
 (:meth:`~celery_dlock.lock.keyspace.Keyspace.lock_pattern`) on every node,
 read for their owner; ``celery dlock reap`` uses the same functions.
 """
@@ -43,7 +43,7 @@ from celery.events.state import HEARTBEAT_EXPIRE_WINDOW
 from kombu.messaging import Consumer
 
 from ..lock.errors import DLockError
-from ..lock.metadata import parse_lock_hash
+from ..lock.metadata import parse_lock
 from ..lock.redlock import Redlock
 from ..lock.resp import pack
 from .app_state import locks_for
@@ -102,7 +102,7 @@ def _run_of(key: str, owner: str, token: int) -> WorkerLock | None:
 def worker_locks(redlock: Redlock, hostnames: Collection[str] | None = None) -> list[WorkerLock]:
     """The locks of task runs on every node, of the workers ``hostnames`` (by default all).
 
-    SCAN (never KEYS) of the lock hashes, then each one's owner.  Nodes that
+    SCAN (never KEYS) of the locks, then each one's owner.  Nodes that
     fail are skipped, as a lock lives on a quorum anyway.  Sorted by key.
     """
     space = redlock.keyspace
@@ -114,7 +114,7 @@ def worker_locks(redlock: Redlock, hostnames: Collection[str] | None = None) -> 
             logger.warning("could not scan %s for locks: %s", node.name, exc)
             continue
         for name in names:
-            stored = parse_lock_hash(node.execute(pack("HGETALL", name)))
+            stored = parse_lock(node.execute(pack("GET", name)))
             run = _run_of(space.key_of_lock(name), stored.owner, stored.token) if stored else None
             if run is not None and (hostnames is None or run.hostname in hostnames):
                 found.setdefault((run.key, run.prefix), run)

@@ -99,7 +99,7 @@ class Keyspace:
         return f"{glob_escape(self.prefix)}queues:*" if self.clustered else f"{self.prefix}queues"
 
     def lock(self, key: str) -> str:
-        """The lock hash of ``key``: ``owner``, ``token`` and ``meta``, expiring with the lease."""
+        """The lock of ``key``: the string of its owner, token and meta (:mod:`.metadata`), expiring with the lease."""
         return f"{self.prefix}lock:{self._tagged(key)}"
 
     def permits(self, key: str) -> str:
@@ -148,12 +148,12 @@ class Keyspace:
         return label, event
 
     def lock_pattern(self, pattern: str = "*") -> str:
-        """A SCAN ``MATCH`` pattern for the lock hashes whose key matches the glob ``pattern``."""
+        """A SCAN ``MATCH`` pattern for the locks whose key matches the glob ``pattern``."""
         tag = "{*}" if self.clustered else ""
         return f"{glob_escape(self.prefix)}lock:{tag}{pattern}"
 
     def key_of_lock(self, name: bytes | str) -> str:
-        """The key of a lock hash named ``name`` (the inverse of :meth:`lock`)."""
+        """The key of a lock named ``name`` (the inverse of :meth:`lock`)."""
         text = name.decode() if isinstance(name, bytes) else name
         head = f"{self.prefix}lock:"
         if not text.startswith(head):

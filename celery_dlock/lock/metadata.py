@@ -1,4 +1,9 @@
-"""What a lock hash holds: the owner, the fencing token, and the holder metadata.
+"""What a lock holds: the owner, the fencing token, and the holder metadata.
+
+A lock is a Redis string of three lines: owner, token and meta, with
+a fourth, empty line once an acquirer has found it held; the scripts write
+it (:data:`~celery_dlock.lock.scripts.LOCK_VALUE`) and :func:`parse_lock`
+reads it.
 
 The metadata is a JSON object with ``hostname``, ``pid``, ``acquired_at``
 (Unix time) and ``label``, plus any caller details.  It describes the holder
@@ -17,7 +22,7 @@ from typing import Any
 
 from .process import current_pid
 
-__all__ = ["StoredLock", "holder_metadata", "parse_lock_hash", "parse_metadata", "quorum_holder"]
+__all__ = ["StoredLock", "holder_metadata", "lock_value", "parse_lock", "parse_metadata", "quorum_holder"]
 
 _HOST = socket.gethostname()
 
@@ -55,34 +60,38 @@ def parse_metadata(raw: bytes | str | None) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class StoredLock:
-    """One node's copy of a lock hash: ``owner``, ``token`` and ``meta``."""
+    """One node's copy of a lock: ``owner``, ``token`` and ``meta``."""
 
     owner: str
     token: int
     meta: dict[str, Any]
 
 
-def parse_lock_hash(reply: Any) -> StoredLock | None:
-    """A lock hash as ``HGETALL`` returned it (raw, or as redis-py's dict), or ``None`` if absent."""
-    if isinstance(reply, Mapping):
-        fields = dict(reply)
-    elif isinstance(reply, list):
-        fields = dict(zip(reply[::2], reply[1::2], strict=True))
-    else:
+def lock_value(owner: str, token: int, meta: str) -> bytes:
+    """The string the scripts store for a lock of ``owner`` with ``token`` and JSON ``meta``."""
+    return f"{owner}\n{token}\n{meta}".encode()
+
+
+def parse_lock(reply: Any) -> StoredLock | None:
+    """A lock as ``GET`` returned it, or ``None`` if absent or not a lock string."""
+    if isinstance(reply, str):
+        reply = reply.encode()
+    if not isinstance(reply, bytes) or not reply:
         return None
-    if not fields:
+    owner, _, rest = reply.partition(b"\n")
+    token, _, meta = rest.partition(b"\n")
+    try:
+        number = int(token)
+    except ValueError:
         return None
-    owner = fields.get(b"owner", b"")
-    return StoredLock(
-        owner.decode(errors="replace"), int(fields.get(b"token", 0)), parse_metadata(fields.get(b"meta")) or {}
-    )
+    return StoredLock(owner.decode(errors="replace"), number, parse_metadata(meta.partition(b"\n")[0]) or {})
 
 
 def quorum_holder(replies: Sequence[Any], quorum: int) -> dict[str, Any] | None:
-    """The metadata and highest token of the owner whose lock hash at least ``quorum`` of ``replies`` hold."""
+    """The metadata and highest token of the owner whose lock at least ``quorum`` of ``replies`` (``GET``) hold."""
     copies: dict[str, list[StoredLock]] = {}
     for reply in replies:
-        stored = parse_lock_hash(reply)
+        stored = parse_lock(reply)
         if stored is not None:
             copies.setdefault(stored.owner, []).append(stored)
     for held in copies.values():

@@ -19,7 +19,7 @@ from typing import Any, Final
 from .keyspace import Keyspace
 from .metadata import parse_metadata
 from .script import Script, reply_text
-from .scripts import NEXT_TOKEN
+from .scripts import LOCK_VALUE, NEXT_TOKEN
 
 __all__ = [
     "ACQUIRE_PERMIT",
@@ -69,6 +69,7 @@ ACQUIRE_PERMIT: Final = Script(
     keys=(*_PERMIT_KEYS, "fence", "lock"),
     args=("owner", "lease_ms", "meta", "floor", "limit"),
     body=NEXT_TOKEN
+    + LOCK_VALUE
     + _TRIM
     + """
 local lease = tonumber(lease_ms)
@@ -78,9 +79,9 @@ if redis.call('ZSCORE', permits, owner) then
     local entry = redis.call('HGET', holders, owner) or '0|'
     return {'granted', tonumber(string.match(entry, '^%d+'))}
 end
-if redis.call('EXISTS', lock) == 1 then
-    redis.call('HSET', lock, 'waited', 1)
-    return {'held', redis.call('HGET', lock, 'meta'), redis.call('PTTL', lock)}
+local value = redis.call('GET', lock)
+if value then
+    return held_by(value)
 end
 if redis.call('ZCARD', permits) < tonumber(limit) then
     local token = next_token()

@@ -22,7 +22,7 @@ from .script import (
     reply_status,
     reply_text,
 )
-from .scripts import NEXT_TOKEN, parse_acquire
+from .scripts import LOCK_VALUE, NEXT_TOKEN, parse_acquire
 
 __all__ = [
     "ACQUIRE_QUEUED",
@@ -52,7 +52,9 @@ __all__ = [
 
 _QUEUE_KEYS: Final = ("lock", "queue", "parked", "queues")
 
-_HAND_OFF = """
+_HAND_OFF = (
+    LOCK_VALUE
+    + """
 local function hand_off(reserve_ms, key, channel)
     while true do
         local head = redis.call('LINDEX', queue, 0)
@@ -64,15 +66,14 @@ local function hand_off(reserve_ms, key, channel)
         end
         local payload = redis.call('HGET', parked, head)
         if payload then
-            redis.call('DEL', lock)
-            redis.call('HSET', lock, 'owner', RESERVED .. head, 'token', 0, 'meta', cjson.encode({handoff = head}))
-            redis.call('PEXPIRE', lock, reserve_ms)
+            redis.call('SET', lock, lock_value(RESERVED .. head, 0, cjson.encode({handoff = head})), 'PX', reserve_ms)
             return {'handed-off', head, payload}
         end
         redis.call('LPOP', queue)
     end
 end
 """
+)
 
 
 def _queue_keys(space: Keyspace, key: str) -> list[str]:
@@ -98,7 +99,7 @@ RELEASE_HANDOFF: Final = Script(
     args=("owner", "channel", "reserve_ms", "key"),
     body=_HAND_OFF
     + """
-if redis.call('HGET', lock, 'owner') ~= owner then
+if not owns(redis.call('GET', lock), owner) then
     return {'not-ours'}
 end
 return hand_off(reserve_ms, key, channel)
@@ -119,8 +120,8 @@ RELEASE_PREFIX_HANDOFF: Final = Script(
     args=("prefix", "channel", "reserve_ms", "key"),
     body=_HAND_OFF
     + """
-local holder = redis.call('HGET', lock, 'owner')
-if not holder or string.sub(holder, 1, string.len(prefix)) ~= prefix then
+local value = redis.call('GET', lock)
+if not value or string.sub(value, 1, #prefix) ~= prefix then
     return {'not-ours'}
 end
 return hand_off(reserve_ms, key, channel)
@@ -174,11 +175,13 @@ PARK: Final = Script(
     "park",
     keys=_QUEUE_KEYS,
     args=("ticket", "payload", "max_queued", "key", "coalesce"),
-    body="""
-local holder = redis.call('HGET', lock, 'owner')
-if not holder then
+    body=LOCK_VALUE
+    + """
+local value = redis.call('GET', lock)
+if not value then
     return {'key-free'}
 end
+local holder = owner_of(value)
 if redis.call('HEXISTS', parked, ticket) == 1 then
     return {'parked', ticket}
 end
@@ -227,26 +230,21 @@ ACQUIRE_QUEUED: Final = Script(
     + """
 local function grant()
     local token = next_token()
-    redis.call('DEL', lock)
-    redis.call('HSET', lock, 'owner', owner, 'token', token, 'meta', meta)
-    redis.call('PEXPIRE', lock, lease_ms)
+    redis.call('SET', lock, lock_value(owner, token, meta), 'PX', lease_ms)
     return {'granted', token}
 end
-local function busy()
-    redis.call('HSET', lock, 'waited', 1)
-    return {'held', redis.call('HGET', lock, 'meta'), redis.call('PTTL', lock)}
-end
-local holder = redis.call('HGET', lock, 'owner')
+local value = redis.call('GET', lock)
+local holder = value and owner_of(value)
 if holder == owner then
     redis.call('PEXPIRE', lock, lease_ms)
-    return {'granted', tonumber(redis.call('HGET', lock, 'token'))}
+    return {'granted', (fields_of(value))}
 end
 if ticket ~= '' then
     if redis.call('HEXISTS', parked, ticket) == 0 then
         return {'ticket-spent'}
     end
     if holder and holder ~= RESERVED .. ticket then
-        return busy()
+        return held_by(value)
     end
     redis.call('LREM', queue, 1, ticket)
     redis.call('HDEL', parked, ticket)
@@ -256,7 +254,7 @@ if ticket ~= '' then
     return grant()
 end
 if holder then
-    return busy()
+    return held_by(value)
 end
 if redis.call('LLEN', queue) > 0 then
     local outcome = hand_off(reserve_ms, key, channel)

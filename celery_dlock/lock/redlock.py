@@ -338,7 +338,7 @@ class Redlock:
         one left on a minority) is not reported.
         """
         check_key(key)
-        return quorum_holder(self._quorum.read_all(pack("HGETALL", self.keyspace.lock(key))), self.quorum)
+        return quorum_holder(self._quorum.read_all(pack("GET", self.keyspace.lock(key))), self.quorum)
 
     def permit_holders(self, key: str) -> list[dict[str, Any]]:
         """The holders of ``key``'s semaphore permits found on a majority of nodes, oldest first.

@@ -59,28 +59,60 @@ local function next_token()
 end
 """
 
+#: Reading and writing the lock string of the script's ``lock`` key: its
+#: owner, token and metadata on three lines (:mod:`~celery_dlock.lock.metadata`
+#: parses it in Python), and a fourth, empty line once an acquirer has found
+#: it held, so that its release wakes waiters.  ``GET`` on a value that is
+#: false (no lock) is handled by each caller.
+LOCK_VALUE: Final = """
+local function lock_value(who, token, details)
+    return who .. '\\n' .. token .. '\\n' .. details
+end
+local function owns(value, who)
+    return value and string.sub(value, 1, #who + 1) == who .. '\\n'
+end
+local function owner_of(value)
+    return string.sub(value, 1, string.find(value, '\\n', 1, true) - 1)
+end
+local function fields_of(value)
+    local first = string.find(value, '\\n', 1, true)
+    local second = string.find(value, '\\n', first + 1, true)
+    local third = string.find(value, '\\n', second + 1, true) or 0
+    return tonumber(string.sub(value, first + 1, second - 1)), string.sub(value, second + 1, third - 1)
+end
+local function waited(value)
+    return string.byte(value, -1) == 10
+end
+local function held_by(value)
+    if not waited(value) then
+        redis.call('APPEND', lock, '\\n')
+    end
+    local _, details = fields_of(value)
+    return {'held', details, redis.call('PTTL', lock)}
+end
+"""
+
 #: Take the lock, or report who holds it and mark it as waited for, so that
 #: its release wakes waiters.  Idempotent for its owner, so a retried
-#: acquire is safe.
+#: acquire is safe.  The token is drawn before ``SET NX``, so a busy
+#: attempt spends one: tokens only ever need to rise.
 ACQUIRE: Final = Script(
     "acquire",
     keys=("lock", "fence"),
     args=("owner", "lease_ms", "meta", "floor"),
     body=NEXT_TOKEN
+    + LOCK_VALUE
     + """
-local holder = redis.call('HGET', lock, 'owner')
-if not holder then
-    local token = next_token()
-    redis.call('HSET', lock, 'owner', owner, 'token', token, 'meta', meta)
-    redis.call('PEXPIRE', lock, lease_ms)
+local token = next_token()
+if redis.call('SET', lock, lock_value(owner, token, meta), 'NX', 'PX', lease_ms) then
     return {'granted', token}
 end
-if holder == owner then
+local value = redis.call('GET', lock)
+if owns(value, owner) then
     redis.call('PEXPIRE', lock, lease_ms)
-    return {'granted', tonumber(redis.call('HGET', lock, 'token'))}
+    return {'granted', (fields_of(value))}
 end
-redis.call('HSET', lock, 'waited', 1)
-return {'held', redis.call('HGET', lock, 'meta'), redis.call('PTTL', lock)}
+return held_by(value)
 """,
 )
 
@@ -105,14 +137,15 @@ EXTEND: Final = Script(
     "extend",
     keys=("lock",),
     args=("owner", "lease_ms"),
-    body="""
-local holder = redis.call('HGET', lock, 'owner')
-if holder == owner then
+    body=LOCK_VALUE
+    + """
+local value = redis.call('GET', lock)
+if not value then
+    return -1
+end
+if owns(value, owner) then
     redis.call('PEXPIRE', lock, lease_ms)
     return 1
-end
-if not holder then
-    return -1
 end
 return 0
 """,
@@ -124,13 +157,12 @@ REPAIR: Final = Script(
     "repair",
     keys=("lock",),
     args=("owner", "token", "meta", "lease_ms"),
-    body="""
-if redis.call('EXISTS', lock) == 1 then
-    return 0
+    body=LOCK_VALUE
+    + """
+if redis.call('SET', lock, lock_value(owner, token, meta), 'NX', 'PX', lease_ms) then
+    return 1
 end
-redis.call('HSET', lock, 'owner', owner, 'token', token, 'meta', meta)
-redis.call('PEXPIRE', lock, lease_ms)
-return 1
+return 0
 """,
 )
 
@@ -166,11 +198,12 @@ RELEASE: Final = Script(
     "release",
     keys=("lock",),
     args=("owner", "channel"),
-    body="""
-local holder = redis.call('HMGET', lock, 'owner', 'waited')
-if holder[1] == owner then
+    body=LOCK_VALUE
+    + """
+local value = redis.call('GET', lock)
+if owns(value, owner) then
     redis.call('DEL', lock)
-    if channel ~= '' and holder[2] then
+    if channel ~= '' and waited(value) then
         redis.call('PUBLISH', channel, '')
     end
     return 1
@@ -208,14 +241,14 @@ def force_release_call(space: Keyspace, key: str) -> bytes:
     return FORCE_RELEASE.call(keys, [space.released(key)])
 
 
-#: Delete the lock if its owner value starts with ``prefix``: 1, else 0.
+#: Delete the lock if its owner starts with ``prefix`` (which has no newline): 1, else 0.
 RELEASE_PREFIX: Final = Script(
     "release_prefix",
     keys=("lock",),
     args=("prefix", "channel"),
     body="""
-local holder = redis.call('HGET', lock, 'owner')
-if holder and string.sub(holder, 1, string.len(prefix)) == prefix then
+local value = redis.call('GET', lock)
+if value and string.sub(value, 1, #prefix) == prefix then
     redis.call('DEL', lock)
     redis.call('PUBLISH', channel, '')
     return 1

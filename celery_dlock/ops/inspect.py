@@ -4,7 +4,7 @@ Plain functions that return result objects and know nothing of click, so
 that they can be tested and reused (in a health endpoint, say, or a deploy
 script); :mod:`celery_dlock.ops.cli` only formats them.
 
-* :func:`held_locks` and :func:`lock_details` read the lock hashes, with SCAN
+* :func:`held_locks` and :func:`lock_details` read the locks, with SCAN
   and never KEYS.  A lock's owner value is never exposed, only whether the
   lock is a handoff reservation for a parked ticket.
 * :func:`force_release` deletes locks whoever holds them, then hands their
@@ -34,7 +34,7 @@ from ..celery.handoffs import hand_on_stranded
 from ..lock.errors import LockUnavailable
 from ..lock.handoff import Handoff
 from ..lock.keyspace import RESERVED_OWNER, Keyspace
-from ..lock.metadata import parse_lock_hash, parse_metadata
+from ..lock.metadata import parse_lock, parse_metadata
 
 __all__ = [
     "OPERATOR_TIMEOUT",
@@ -196,10 +196,10 @@ def _scan_keys(client: redis.Redis, space: Keyspace, pattern: str) -> Iterator[s
 def _read_lock(client: redis.Redis, space: Keyspace, key: str) -> _Stored | None:
     full_key = space.lock(key)
     pipe = client.pipeline(transaction=False)
-    pipe.hgetall(full_key)
+    pipe.get(full_key)
     pipe.pttl(full_key)
-    fields, pttl = pipe.execute()
-    stored = parse_lock_hash(fields)
+    value, pttl = pipe.execute()
+    stored = parse_lock(value)
     if stored is None:
         return None
     parked_task = None

@@ -16,6 +16,7 @@ import redis
 import redis.asyncio
 from support.critical_sections import read_sections, run_counted_sections
 from support.redis_servers import RedisCluster, RedisServer
+from support.stored import stored_owner
 
 from celery_dlock import LockBusy, LockLost, LockUnavailable, Redlock
 from celery_dlock.aio import AsyncLock, AsyncRedlock, DLockError, loop_watchdog
@@ -329,7 +330,7 @@ def test_cancelling_a_blocked_acquire_at_every_await_point_leaves_no_listener(re
             with pytest.raises((asyncio.CancelledError, LockBusy)):
                 await CancelAt(redlock.acquire("blocked", ttl=30, timeout=0.2), at)
             uncancel()
-            assert probe.hget(lock_key("blocked"), "owner") == holder.owner.encode()
+            assert stored_owner(probe, lock_key("blocked")) == holder.owner
             assert probe.pubsub_numsub("dlock:released:blocked")[0][1] == 0
         await redlock.close()
 

@@ -19,6 +19,7 @@ import pytest
 from celery import states
 from support.apps import HOLD_SECONDS
 from support.cluster import ClusterTopology
+from support.stored import stored_token
 from support.worker_stack import Stack, new_key, stacks
 from test_sentinel_worker import (  # noqa: F401 - collected here, on this module's stack
     holding,
@@ -53,7 +54,7 @@ def test_the_worker_locks_on_the_master_of_the_keys_slot(stack: Stack, redis_clu
     with holding(stack, "requeue", key) as (_, run_record):  # type: ignore[arg-type]
         name = stack.keyspace.lock(key)
         owner = redis_cluster.master_for_key(name).client()
-        assert int(owner.hget(name, "token")) == run_record["token"] >= 1
+        assert stored_token(owner, name) == run_record["token"] >= 1
 
 
 def test_hold_keeps_the_key_on_the_cluster_until_its_period_ends(stack: Stack) -> None:

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import pytest
 from celery import states
 from celery.result import AsyncResult
+from support.stored import stored_owner
 from support.worker_stack import KEY_PREFIX, Stack, new_key
 
 from celery_dlock import LockBusy, QueueFull
@@ -412,7 +413,7 @@ def test_a_parked_message_published_again_runs_once(stack: Stack) -> None:
         assert stack.locks.lrange(f"{KEY_PREFIX}queue:{key}", 0, -1) == [message.id.encode()]
     # The holder's release reserves the key and publishes the copy to the side queue.
     wait_until(
-        lambda: stack.locks.hget(f"{KEY_PREFIX}lock:{key}", "owner") == f"park:{message.id}".encode(),
+        lambda: stored_owner(stack.locks, f"{KEY_PREFIX}lock:{key}") == f"park:{message.id}",
         15,
         message=lambda: f"the key reserved for {message.id}\n{stack.logs()}",
     )

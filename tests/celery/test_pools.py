@@ -93,7 +93,7 @@ def lock_nodes() -> Iterator[RedisCluster]:
 
 @pytest.fixture(scope="module")
 def lock_clients(lock_nodes: RedisCluster) -> list[redis.Redis]:
-    """One client per lock node, to look at the lock hashes."""
+    """One client per lock node, to look at the locks."""
     return lock_nodes.clients()
 
 
@@ -143,7 +143,7 @@ def task_events(stack: Stack) -> Iterator[list[dict[str, Any]]]:
 
 
 def lock_left(nodes: list[redis.Redis], key: str) -> list[int]:
-    """The indices of the lock nodes that still hold the lock hash of ``key``."""
+    """The indices of the lock nodes that still hold the lock of ``key``."""
     return [index for index, node in enumerate(nodes) if node.exists(f"{KEY_PREFIX}lock:{key}")]
 
 

@@ -3,7 +3,7 @@
 Each test talks to real workers (:class:`support.workers.CeleryWorker`) running
 the tasks of :mod:`worker_app` against real redis-server processes: one for the broker,
 results and the recorder (database 1), one for the locks.  Effects are read
-back from Redis: the sections the bodies recorded, the lock hashes at
+back from Redis: the sections the bodies recorded, the locks at
 ``dlock:lock:<key>``, and the task results.  Every wait is a bounded poll.
 
 Most tests share one worker (concurrency 4) and use a key of their own; the

@@ -51,7 +51,7 @@ RECORDER_URL = URLS.recorder
 ACKS_LATE = os.environ.get("DLOCK_TEST_ACKS_LATE") == "1"
 VISIBILITY_TIMEOUT = os.environ.get("DLOCK_TEST_VISIBILITY_TIMEOUT")
 
-#: The plugin's default key prefix; lock hashes live at ``dlock:lock:<key>``.
+#: The plugin's default key prefix; locks live at ``dlock:lock:<key>``.
 KEY_PREFIX = "dlock:"
 
 app = Celery("worker_app", broker=BROKER_URL, backend=BROKER_URL, set_as_current=True)
@@ -81,7 +81,7 @@ if VISIBILITY_TIMEOUT:
 
 
 def lock_key_exists(key: str) -> bool:
-    """Whether the lock hash of ``key`` exists on the first lock node."""
+    """Whether the lock of ``key`` exists on the first lock node."""
     client = redis.Redis.from_url(LOCK_URLS[0], socket_timeout=1, socket_connect_timeout=1)
     try:
         return bool(client.exists(f"{KEY_PREFIX}lock:{key}"))

@@ -24,6 +24,7 @@ import pytest
 import redis
 from celery import Celery, states
 from support.redis_servers import RedisServer
+from support.stored import stored_owner, stored_token
 
 from celery_dlock import ConfigurationError, LockBusy, LockUnavailable, Redlock, single_flight
 from celery_dlock.celery.keys import KeySpec
@@ -224,7 +225,7 @@ def test_a_redis_that_requires_auth_is_unavailable_fast_and_never_busy(
 def test_the_right_password_locks(auth_server: RedisServer) -> None:
     redlock = Redlock([auth_server.url])
     with redlock.lock("k", ttl=5) as lock:
-        assert auth_server.client().hget("dlock:lock:k", "token") == str(lock.token).encode()
+        assert stored_token(auth_server.client(), "dlock:lock:k") == lock.token
     assert "s3cret" not in redlock.nodes[0].name
 
 
@@ -316,7 +317,7 @@ def test_rediss_urls_lock_over_tls(tls_nodes: list[TlsRedisServer]) -> None:
         with pytest.raises(LockBusy):
             other.acquire("tls", ttl=5, blocking=False)
         for server in tls_nodes:
-            assert server.client().hget("dlock:lock:tls", "owner") == lock.owner.encode()
+            assert stored_owner(server.client(), "dlock:lock:tls") == lock.owner
     again = other.acquire("tls", ttl=5, blocking=False)
     assert again.token > lock.token
     assert again.release() is True

@@ -24,8 +24,10 @@ from typing import Any
 import pytest
 from fault_harness import FSYNC_ALWAYS, VOLATILE, Quorum, Scenario, Timing, now_ns, running, soak
 from fault_holder import Holder, run_section
+from support.stored import stored_lock, stored_owner
 
 from celery_dlock import LockBusy, LockUnavailable, Redlock
+from celery_dlock.lock.metadata import lock_value
 from celery_dlock.testing.polling import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.multinode, pytest.mark.timeout(180)]
@@ -351,8 +353,7 @@ def test_a_blocked_acquire_does_not_spin_on_its_own_cleanup(scenario: Scenario) 
     quorum = scenario.quorum(3)
     for index in (1, 2):
         client = quorum.client(index)
-        client.hset("dlock:lock:shared", mapping={"owner": "someone-else", "token": 1, "meta": "{}"})
-        client.pexpire("dlock:lock:shared", 1000)
+        client.set("dlock:lock:shared", lock_value("someone-else", 1, "{}"), px=1000)
     node0 = quorum.client(0)
     node0.config_resetstat()
     redlock = Redlock(quorum.urls)  # retry_delay 0.2 s: about 5 attempts in that second
@@ -377,12 +378,12 @@ def test_renewals_repair_a_long_held_lock_on_nodes_that_lost_it(scenario: Scenar
         client = quorum.client(index)
         assert not client.exists("dlock:lock:shared")
         wait_until(
-            lambda: client.hget("dlock:lock:shared", "owner") == lock.owner.encode(),
+            lambda: stored_owner(client, "dlock:lock:shared") == lock.owner,
             5,
             message=f"a renewal to put the lock back on node {index}",
         )
-        stored = client.hgetall("dlock:lock:shared")
-        assert int(stored[b"token"]) == lock.token and b'"label": "long"' in stored[b"meta"]
+        stored = stored_lock(client, "dlock:lock:shared")
+        assert stored is not None and stored.token == lock.token and stored.meta["label"] == "long"
         assert 0 < client.pttl("dlock:lock:shared") <= 2000, "never a longer lease than the holder's"
     with pytest.raises(LockBusy):
         Redlock(quorum.urls, retry_count=0).acquire("shared", ttl=1, blocking=False)

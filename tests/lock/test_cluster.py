@@ -22,6 +22,7 @@ from support.cluster import ClusterTopology
 from support.critical_sections import COUNTER, read_sections, run_sections
 from support.paths import TESTS_DIR
 from support.redis_servers import RedisServer
+from support.stored import stored_owner
 
 from celery_dlock import LockBusy, LockUnavailable, Redlock
 from celery_dlock.lock.keyspace import key_slot
@@ -54,7 +55,7 @@ def test_a_lock_and_its_counter_live_on_the_master_of_their_slot(clean_redis_clu
     name = space.lock("ledger:42")
     assert key_slot(name) == key_slot(space.fence("ledger:42")) == key_slot(space.queue("ledger:42"))
     owner = master_client(cluster, name)
-    assert owner.hget(name, "owner") == lock.owner.encode()
+    assert stored_owner(owner, name) == lock.owner
     assert int(owner.get(space.fence("ledger:42"))) == lock.token
     holder = redlock.holder("ledger:42")
     assert holder is not None and holder["token"] == lock.token and holder["label"] == "lbl"
@@ -123,6 +124,8 @@ def test_a_resharded_slot_takes_its_locks_and_fencing_counter_along(clean_redis_
     # The slot's keys are on the target now, but the slot is not yet its: ASK.
     assert source.client().execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
     assert target.client().execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) >= 2  # the lock and its counter
+    # Read before any other acquire: a busy attempt spends a token too.
+    assert importing_value(target, space.fence("moving")) == str(held.token), "the counter moved with the slot"
     with pytest.raises(LockBusy):
         redlock.acquire("moving", ttl=5, blocking=False)  # ASK followed: the target has the lock
     held.extend(30)
@@ -131,14 +134,13 @@ def test_a_resharded_slot_takes_its_locks_and_fencing_counter_along(clean_redis_
     # (TRYAGAIN) until the slot is its: unavailable, which a blocking acquire rides out.
     with pytest.raises(LockUnavailable, match="TryAgain"):
         redlock.acquire("moving", ttl=5, blocking=False)
-    assert importing_value(target, space.fence("moving")) == str(held.token), "the counter moved with the slot"
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(redlock.acquire, "moving", 5, timeout=20)
         finish_migration(cluster, slot, target)
         after = waiting.result(timeout=30)
     assert after.token > held.token
     assert cluster.master_for_slot(slot).port == target.port
-    assert target.client().hget(space.lock("moving"), "owner") == after.owner.encode()
+    assert stored_owner(target.client(), space.lock("moving")) == after.owner
     after.release()
     assert redlock.acquire("moving", ttl=5, blocking=False).token > after.token  # MOVED followed
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from support.redis_servers import RedisCluster
+from support.stored import stored_owner
 
 from celery_dlock import AlreadyClaimed, HandoffQueue, LockBusy, QueueFull, Redlock
 from celery_dlock.testing.polling import wait_until
@@ -75,7 +76,7 @@ def test_a_lost_handoff_is_handed_off_again(queue: HandoffQueue, client: Any) ->
     holder.release()  # reserved for t1 for 0.3 s, but nobody publishes it
     assert holder.handoff is not None
     name = queue.redlock.keyspace.lock("lost")
-    assert client.hget(name, "owner") == b"park:t1"
+    assert stored_owner(client, name) == "park:t1"
     assert queue.sweep(5) == [], "the reservation still stands"
     wait_until(lambda: not client.exists(name), 5, interval=0.01, message="the reservation to run out")
     (again,) = queue.sweep(5)

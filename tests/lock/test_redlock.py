@@ -15,6 +15,7 @@ import pytest
 import redis
 from support.critical_sections import COUNTER, read_sections, run_sections
 from support.redis_servers import RedisCluster, RedisServer
+from support.stored import stored_owner
 
 from celery_dlock import (
     DLockError,
@@ -43,7 +44,7 @@ def test_acquire_release_and_reacquire(redis_nodes, size: int) -> None:
 
     lock = redlock.acquire("job", ttl=5)
     for client in nodes.clients():
-        assert client.hget("dlock:lock:job", "owner") == lock.owner.encode()
+        assert stored_owner(client, "dlock:lock:job") == lock.owner
         assert 4000 < client.pttl("dlock:lock:job") <= 5000
     assert 4.5 < lock.remaining() <= 5
     assert not lock.lost
@@ -107,6 +108,15 @@ def test_holder_reads_metadata_and_token(redis_node1: RedisCluster) -> None:
         assert info["token"] == lock.token
         assert info["label"] == "lbl"
         assert info["acquired_at"] == pytest.approx(time.time(), abs=5)
+
+
+def test_a_lock_stored_as_a_hash_by_an_older_release_is_refused_not_taken(redis_node1: RedisCluster) -> None:
+    """Earlier code stored a lock as a hash: a mixed fleet fails closed on WRONGTYPE and never shares a key."""
+    (client,) = redis_node1.clients()
+    client.hset("dlock:lock:old", mapping={"owner": "old-release", "token": 1, "meta": "{}"})
+    with pytest.raises(LockUnavailable, match="WRONGTYPE"):
+        Redlock(redis_node1.urls, retry_count=0).acquire("old", ttl=5, blocking=False)
+    assert client.hgetall("dlock:lock:old") == {b"owner": b"old-release", b"token": b"1", b"meta": b"{}"}
 
 
 def test_acquire_is_idempotent_for_its_own_owner(redis_nodes3: RedisCluster) -> None:
@@ -186,7 +196,7 @@ def test_release_by_non_owner_changes_nothing(redis_nodes3: RedisCluster) -> Non
     assert stale.lost
     assert stale.release() is False
     for client in redis_nodes3.clients():
-        assert client.hget("dlock:lock:owned", "owner") == current.owner.encode()
+        assert stored_owner(client, "dlock:lock:owned") == current.owner
     with pytest.raises(LockBusy):
         redlock.acquire("owned", ttl=5, blocking=False)
     assert current.release() is True
@@ -222,7 +232,7 @@ def test_extend_of_a_taken_lock_fails_without_touching_the_new_owner(redis_node1
         lock.extend(30)
     assert lock.lost
     assert client.pttl("dlock:lock:taken") <= 5000
-    assert client.hget("dlock:lock:taken", "owner") == thief.owner.encode()
+    assert stored_owner(client, "dlock:lock:taken") == thief.owner
 
 
 # -- node failures -------------------------------------------------------------------
@@ -573,7 +583,7 @@ def test_accepts_a_redis_client_and_ignores_its_retry_settings(redis_node1: Redi
     client = redis.Redis.from_url(redis_node1.urls[0], decode_responses=True)
     redlock = Redlock(client)
     with redlock.lock("client", ttl=5) as lock:
-        assert client.hget("dlock:lock:client", "owner") == lock.owner
+        assert stored_owner(client, "dlock:lock:client") == lock.owner
 
 
 # -- dependencies point one way ------------------------------------------------------------

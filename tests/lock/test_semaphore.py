@@ -12,6 +12,7 @@ import pytest
 import redis
 from support.critical_sections import read_sections, record_section
 from support.redis_servers import RedisCluster, RedisServer
+from support.stored import stored_owner
 
 from celery_dlock import LockBusy, LockUnavailable, Redlock
 from celery_dlock.lock.quorum import quorum_size
@@ -124,7 +125,7 @@ def test_limit_one_is_the_plain_lock(redis_node1: RedisCluster) -> None:
     redlock = Redlock(redis_node1.urls)
     client = redis_node1[0].client()
     with redlock.lock("job", ttl=5, limit=1) as lock:
-        assert client.hget("dlock:lock:job", "owner") == lock.owner.encode()
+        assert stored_owner(client, "dlock:lock:job") == lock.owner
         assert not client.exists("dlock:permits:job")
         with pytest.raises(LockBusy, match="lock 'job' is held"):
             redlock.acquire("job", ttl=5, blocking=False)

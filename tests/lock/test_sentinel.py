@@ -19,6 +19,7 @@ from support.critical_sections import COUNTER, read_sections, run_sections
 from support.paths import TESTS_DIR
 from support.redis_servers import RedisServer
 from support.sentinel import SentinelTopology
+from support.stored import stored_owner
 
 from celery_dlock import LockBusy, Redlock
 from celery_dlock.testing.intervals import falling_tokens, overlaps
@@ -51,10 +52,10 @@ def test_acquire_extend_holder_and_release_through_the_sentinels(sentinel_topolo
     (replica,) = [server.client() for server in topology.replicas]
 
     lock = redlock.acquire("job", ttl=5, label="lbl")
-    assert master.hget(LOCK.format("job"), "owner") == lock.owner.encode()
+    assert stored_owner(master, LOCK.format("job")) == lock.owner
     assert 4000 < master.pttl(LOCK.format("job")) <= 5000
     # It is the master's: the replica has it only by replication.
-    wait_until(lambda: replica.hget(LOCK.format("job"), "owner") == lock.owner.encode(), 5, message="replication")
+    wait_until(lambda: stored_owner(replica, LOCK.format("job")) == lock.owner, 5, message="replication")
     holder = redlock.holder("job")
     assert holder is not None and holder["token"] == lock.token and holder["label"] == "lbl"
     with pytest.raises(LockBusy):

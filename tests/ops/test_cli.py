@@ -22,6 +22,7 @@ import pytest
 from celery import Celery
 from support.cli import run_dlock as run
 from support.redis_servers import RedisServer
+from support.stored import stored_owner
 
 from celery_dlock import Redlock, single_flight
 from celery_dlock.ops.cli import EVENTS
@@ -83,7 +84,7 @@ def hold_with_parked(app: Celery, charge: Any, parked: int) -> tuple[Any, list[A
 
 def test_list_and_show_a_held_lock_and_its_queue(tasks, celery_app, celery_worker, lock_server, gate) -> None:
     holder, parked = hold_with_parked(celery_app, tasks.charge, parked=2)
-    owner = lock_server.client().hget("dlock:lock:ledger:acct-1", "owner").decode()
+    owner = stored_owner(lock_server.client(), "dlock:lock:ledger:acct-1")
 
     listed = run(celery_app, "list").output
     header, row = listed.splitlines()

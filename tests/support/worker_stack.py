@@ -4,7 +4,7 @@ A :class:`Stack` is one redis-server for the broker, the results and the
 recorder (database 1), lock nodes (a fresh redis-server unless given), and
 the prefork workers (:class:`~support.workers.CeleryWorker`) started on them,
 which run the tasks of ``tests/celery/worker_app.py``.  It sends tasks and
-reads back what their bodies recorded, the lock hashes at
+reads back what their bodies recorded, the locks at
 ``dlock:lock:<key>`` and the task results.  :func:`stacks` makes them and
 closes them; the fixtures of ``tests/celery/conftest.py`` are built on it.
 """
@@ -34,6 +34,7 @@ from celery_dlock.testing.redis_process import HOST
 from .critical_sections import Section, read_sections
 from .redis_servers import RedisServer
 from .results import collect_results
+from .stored import stored_token
 from .workers import CeleryWorker
 
 __all__ = ["KEY_PREFIX", "Stack", "new_key", "stacks"]
@@ -124,11 +125,10 @@ class Stack:
         return int(self.locks.pttl(self.keyspace.lock(key)))
 
     def lock_token(self, key: str) -> int | None:
-        token = self.locks.hget(self.keyspace.lock(key), "token")
-        return None if token is None else int(token)
+        return stored_token(self.locks, self.keyspace.lock(key))
 
     def wait_lock_gone(self, key: str, timeout: float, since: float | None = None) -> float:
-        """Wait until the lock hash of ``key`` is gone; seconds since ``since`` (or now)."""
+        """Wait until the lock of ``key`` is gone; seconds since ``since`` (or now)."""
         start = time.monotonic() if since is None else since
         wait_until(lambda: not self.lock_exists(key), timeout, interval=0.01,
                    message=lambda: f"lock {key!r} to disappear\n{self.logs()}")  # fmt: skip
