@@ -43,7 +43,7 @@ from .redlock import Redlock
 from .resp import pack
 from .script import Granted, HandedOff, Held, KeyFree, Parked, QueueFilled, Released, TicketSpent
 from .tokens import token_floor
-from .validation import check_key, check_ttl
+from .validation import check_key, check_owner_prefix, check_ttl
 
 __all__ = ["AlreadyClaimed", "Handoff", "HandoffPending", "HandoffQueue", "QueueFull", "QueuedLock"]
 
@@ -219,8 +219,7 @@ class HandoffQueue:
         ``ttl`` is the reservation's lease should a ticket's turn come.
         """
         check_key(key)
-        if not owner_prefix:
-            raise ValueError("owner_prefix: must be a non-empty str")
+        check_owner_prefix(owner_prefix, required=True)
         command = scripts.release_prefix_handoff_call(
             self._space, key, prefix=owner_prefix, reserve_ms=math.ceil(ttl * 1000)
         )

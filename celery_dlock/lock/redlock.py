@@ -44,6 +44,7 @@ from .validation import (
     check_key,
     check_manager_options,
     check_number,
+    check_owner_prefix,
     check_text,
 )
 from .waiting import Retries
@@ -311,8 +312,7 @@ class Redlock:
         instead of waiting out the lease.  Returns True when a quorum released.
         """
         check_key(key)
-        if not isinstance(owner_prefix, str) or not owner_prefix:
-            raise ValueError("owner_prefix: must be a non-empty str")
+        check_owner_prefix(owner_prefix, required=True)
         quorum = self.quorum_of(limit)
         command = self.scheme(limit).release_prefix(key, prefix=owner_prefix)
         return quorum.agreeing(quorum.broadcast(command, granted=scripts.done), scripts.done)

@@ -23,6 +23,7 @@ __all__ = [
     "check_key",
     "check_manager_options",
     "check_number",
+    "check_owner_prefix",
     "check_text",
     "check_ttl",
 ]
@@ -78,6 +79,19 @@ def check_text(name: str, value: object) -> str:
     except UnicodeEncodeError as exc:
         raise ValueError(f"{name}: not encodable as UTF-8: {exc}") from None
     return value
+
+
+def check_owner_prefix(value: object, *, required: bool = False) -> str:
+    """An owner prefix: a str without a newline, since a lock stores its owner as its first line.
+
+    ``required`` refuses the empty prefix, which would match every owner.
+    """
+    text = check_text("owner_prefix", value)
+    if required and not text:
+        raise ValueError("owner_prefix: must be a non-empty str")
+    if "\n" in text:
+        raise ValueError("owner_prefix: must not contain a newline (a lock stores its owner on one line)")
+    return text
 
 
 def check_key(key: object) -> str:
@@ -153,6 +167,6 @@ def check_acquire(
     check_key(key)
     seconds = check_ttl(ttl)
     check_acquire_options(timeout=timeout, max_hold=max_hold, on_lost=on_lost, label=label)
-    check_text("owner_prefix", owner_prefix)
+    check_owner_prefix(owner_prefix)
     check_int("limit", limit, minimum=1)
     return seconds

@@ -130,6 +130,7 @@ def test_more_bad_redlock_options_name_the_parameter(option: str, value: Any, er
         ("on_lost", "callback", TypeError),
         ("label", 42, TypeError),
         ("owner_prefix", b"x", TypeError),
+        ("owner_prefix", "worker\n1", ValueError),  # the owner is the stored lock's first line
     ],
 )
 def test_more_bad_acquire_arguments_name_the_parameter_and_touch_nothing(
@@ -139,6 +140,15 @@ def test_more_bad_acquire_arguments_name_the_parameter_and_touch_nothing(
     with pytest.raises(error, match=option):
         redlock.acquire("k", ttl=1, **{option: value})
     assert redis_server.client().keys("dlock:lock:*") == []
+
+
+@pytest.mark.parametrize("prefix", ["", "a\nb"])
+def test_release_owner_refuses_a_prefix_that_could_match_another_owner(redis_server: RedisServer, prefix: str) -> None:
+    redlock = Redlock([redis_server.url])
+    lock = redlock.acquire("k", ttl=5, owner_prefix="a")
+    with pytest.raises(ValueError, match="owner_prefix"):
+        redlock.release_owner("k", prefix)
+    assert redlock.holder("k") is not None and lock.release() is True
 
 
 def test_a_non_utf8_label_is_stored_escaped(redis_server: RedisServer) -> None:
