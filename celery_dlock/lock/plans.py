@@ -205,7 +205,6 @@ class Rules:
         replies = yield self.broadcast(command, is_granted, scheme.size)
         outcomes = [scripts.parse_acquire(reply) for reply in replies]
         tokens = {i: o.token for i, o in enumerate(outcomes) if isinstance(o, Granted)}
-        undo = self.undo(key, owner, limit)
 
         if len(tokens) >= scheme.size:
             token = max(tokens.values())
@@ -217,13 +216,13 @@ class Rules:
                 reason = "the lease ran out while acquiring"
             else:
                 reason = "the fencing token could not be stored on a quorum"
-            yield self.send(undo)
+            yield self.send(self.undo(key, owner, limit))
             return LockUnavailable.for_key(key, attempts=attempt, errors=self.errors(replies), reason=reason)
 
         busy = [o for o in outcomes if isinstance(o, Held)]
         maybe_ours = [i for i, o in enumerate(outcomes) if not isinstance(o, Held)]
         if maybe_ours:
-            yield self.send(undo, maybe_ours)
+            yield self.send(self.undo(key, owner, limit), maybe_ours)
         # Busy when holders alone leave too few nodes to grant, or holders and
         # grants together were a quorum; the read stops as soon as that is known.
         if len(busy) <= len(self.names) - scheme.size and len(tokens) + len(busy) < scheme.size:
